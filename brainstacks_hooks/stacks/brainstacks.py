@@ -1,0 +1,563 @@
+"""``BrainStacks``: attach MoE-LoRA stacks to a causal LM with forward hooks.
+
+One forward hook is registered on every target projection of every decoder layer, once, at
+:meth:`BrainStacks.attach`. Module types and the model's own forward are untouched, so Unsloth's fused
+attention and bitsandbytes ``Linear4bit`` layers keep working. What the hooks compute is switched
+through state: the frozen stacks (each tagged with its domain), the active stack, the null-space bases
+and the :class:`~brainstacks_hooks.stacks.modes.Mode`.
+
+Example::
+
+    stacks = BrainStacks.attach(model, StackConfig())
+    stacks.new_stack("chat")          # trainable, zero-initialised: logits unchanged
+    ...train...
+    stacks.freeze_active()
+    with stacks.prefix("chat"):
+        loss = model(**batch).loss
+    stacks.save("out/stacks")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..constants import NULL_SPACE_FILE, STACK_FORMAT_VERSION, STACKS_INDEX_FILE
+from ..errors import ConfigError, StackBypassed, StackLoadError, StackStateError
+from ..models.fingerprint import ModelFingerprint
+from ..models.targets import find_target_modules, projection_features
+from ..utils.io import atomic_write_json, load_safetensors_checked, read_json, save_safetensors_atomic
+from ..utils.logging import get_logger
+from .config import StackConfig
+from .modes import Mode, select_frozen
+from .moe_lora import FrozenGroup
+from .null_space import fold_into_b, merge_bases, project_out
+from .serialization import check_config_compatible, check_fingerprint, load_stack, save_stack
+from .stack import Stack
+
+logger = get_logger(__name__)
+
+DeltaCollector = Callable[[str, torch.Tensor], None]
+
+
+class _StackContainer(nn.Module):
+    """Registered on the model as ``model.brainstacks`` so .to(), train()/eval(), state_dict() reach stacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.ModuleList()
+        self.active: Stack | None = None
+
+
+class _Plan:
+    """What the hooks compute in the current mode (rebuilt when the mode or the stacks change)."""
+
+    def __init__(self, frozen: list[Stack], weights: list[float], use_active: bool) -> None:
+        self.frozen, self.weights, self.use_active = frozen, weights, use_active
+        self.uids = tuple(s.uid for s in frozen)
+        self._weight_tensors: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def empty(self) -> bool:
+        return not self.frozen and not self.use_active
+
+    def weight_tensor(self, device: torch.device) -> torch.Tensor:
+        t = self._weight_tensors.get(device)
+        if t is None:
+            t = self._weight_tensors[device] = torch.tensor(self.weights, dtype=torch.float32, device=device)
+        return t
+
+
+class BrainStacks:
+    """Frozen and active MoE-LoRA stacks on a model, computed by forward hooks.
+
+    Create with :meth:`attach` (new) or :meth:`load` (from a saved directory); never construct directly.
+    """
+
+    def __init__(self, model: nn.Module, config: StackConfig, _token: object = None) -> None:
+        if _token is not _ATTACH_TOKEN:
+            raise StackStateError("use BrainStacks.attach(model, config) or BrainStacks.load(model, dir)")
+        if getattr(model, "_brainstacks_attached", False):
+            raise StackStateError("this model already has stacks attached; call detach() on the existing BrainStacks")
+        self.model = model
+        self.config = config
+        self.targets: dict[str, nn.Module] = find_target_modules(model, config.target_modules)
+        self.keys = list(self.targets)
+        self.shapes = {k: projection_features(m) for k, m in self.targets.items()}
+        self.fingerprint = ModelFingerprint.from_model(model, self.targets)
+        self.container = _StackContainer()
+        self.domain_order: list[str] = []
+        self.null_space_bases: dict[str, dict[str, torch.Tensor]] = {}
+        self._null_space: dict[str, torch.Tensor] = {}
+        self._mode = Mode("train")
+        self._plan: _Plan | None = None
+        self._groups: dict[str, OrderedDict[tuple[int, ...], FrozenGroup]] = {k: OrderedDict() for k in self.keys}
+        self._calls = [0] * len(self.keys)
+        self._collectors: list[DeltaCollector] = []
+        self._track = False
+        self.aux_grad_scale = 1.0
+        self.check_bypass = True
+        self._handles: list[Any] = []
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    # ------------------------------------------------------------------ attach / detach
+    @classmethod
+    def attach(cls, model: nn.Module, config: StackConfig | None = None) -> BrainStacks:
+        """Freeze the base and register one hook per target projection (no stacks yet).
+
+        Raises:
+            StackStateError: the model already has stacks attached.
+            ConfigError: no target projection found.
+        """
+        self = cls(model, config or StackConfig(), _ATTACH_TOKEN)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.add_module("brainstacks", self.container)
+        for i, (key, module) in enumerate(self.targets.items()):
+            self._handles.append(module.register_forward_hook(self._make_hook(i, key)))
+        self._handles.append(model.register_forward_pre_hook(self._reset_calls))
+        self._handles.append(model.register_forward_hook(self._check_calls))
+        model._brainstacks_attached = True  # type: ignore[attr-defined]
+        model._brainstacks = self  # type: ignore[attr-defined]
+        logger.info("attached hooks to %d projections (%d layers)", len(self.keys), len({k.split(".")[1] for k in self.keys}))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and stack: the model is exactly the base again (same state_dict keys)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if "brainstacks" in self.model._modules:
+            del self.model._modules["brainstacks"]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(n, p.requires_grad))
+        for attr in ("_brainstacks_attached", "_brainstacks"):
+            if hasattr(self.model, attr):
+                delattr(self.model, attr)
+
+    # ------------------------------------------------------------------ stacks
+    @property
+    def frozen_stacks(self) -> list[Stack]:
+        """Frozen stacks in the order they were frozen or loaded."""
+        return list(self.container.frozen)  # type: ignore[arg-type]
+
+    @property
+    def active(self) -> Stack | None:
+        """The trainable stack, if any."""
+        return self.container.active
+
+    @property
+    def domains(self) -> list[str]:
+        """Domains with frozen stacks, in training order."""
+        return list(self.domain_order)
+
+    def stacks_for(self, domain: str) -> list[Stack]:
+        """Frozen stacks of one domain, in round order."""
+        return [s for s in self.frozen_stacks if s.domain == domain]
+
+    def _device_of(self, key: str) -> torch.device:
+        p = next(self.targets[key].parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def new_stack(self, domain: str, round_index: int | None = None, dtype: torch.dtype = torch.float32) -> Stack:
+        """Add a trainable, zero-initialised stack for ``domain`` (the model output is unchanged).
+
+        Raises:
+            StackStateError: an active stack exists (freeze or discard it first).
+        """
+        if self.active is not None:
+            raise StackStateError(f"an active stack ({self.active.domain!r}) exists; freeze_active() or discard_active() first")
+        if round_index is None:
+            round_index = len(self.stacks_for(domain))
+        devices = {self._device_of(k) for k in self.keys}
+        device = devices.pop() if len(devices) == 1 else None
+        stack = Stack(self.shapes, self.config, domain, round_index, dtype=dtype, device=device)
+        if device is None:  # model spread over devices: each MoE-LoRA next to its projection
+            for key, m in stack.items():
+                m.to(self._device_of(key))
+        stack.train(self.model.training)
+        self.container.active = stack
+        self._invalidate()
+        return stack
+
+    def freeze_active(self) -> Stack:
+        """Freeze the active stack: fold the null-space projection into B, cast, (offload), append.
+
+        Returns the frozen stack. Raises :class:`StackStateError` when there is no active stack.
+        """
+        stack = self._require_active()
+        for key, m in stack.items():
+            v = self._null_space.get(key)
+            if v is not None:
+                fold_into_b(m.B, v)
+        dtype = self.config.frozen_torch_dtype(stack.dtype)
+        stack.freeze(dtype, device="cpu" if self.config.offload_frozen else None)
+        self.container.active = None
+        self._append_frozen(stack)
+        return stack
+
+    def discard_active(self) -> Stack:
+        """Drop the active stack without freezing it (a rejected inner-loop round)."""
+        stack = self._require_active()
+        self.container.active = None
+        self._invalidate()
+        return stack
+
+    def add_frozen(self, stack: Stack) -> None:
+        """Attach an already frozen stack (from :func:`load_stack` or a stack store)."""
+        if not stack.frozen:
+            raise StackStateError("add_frozen() takes frozen stacks; use new_stack() for a trainable one")
+        if set(stack.keys) != set(self.keys):
+            raise StackLoadError("stack targets differ from the attached projections")
+        check_config_compatible(stack.config, self.config, f"stack {stack.domain!r} round {stack.round_index}")
+        self._append_frozen(stack)
+
+    def remove_frozen(self, stack: Stack) -> None:
+        """Detach one frozen stack (its domain stays in the training order)."""
+        idx = [i for i, s in enumerate(self.container.frozen) if s is stack]
+        if not idx:
+            raise StackStateError("stack is not attached")
+        del self.container.frozen[idx[0]]
+        self._invalidate()
+
+    def _append_frozen(self, stack: Stack) -> None:
+        self.container.frozen.append(stack)
+        if stack.domain not in self.domain_order:
+            self.domain_order.append(stack.domain)
+        self._invalidate()
+
+    def _require_active(self) -> Stack:
+        if self.active is None:
+            raise StackStateError("no active stack; call new_stack(domain) first")
+        return self.active
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the active stack (the only ones that train)."""
+        return [p for p in self.active.parameters() if p.requires_grad] if self.active is not None else []
+
+    def aux_loss(self) -> torch.Tensor:
+        """Current load-balance loss of the active stack (already times its coefficient), detached."""
+        vals = [m.last_aux for _, m in self.active.items() if m.last_aux is not None] if self.active else []
+        return torch.stack(vals).sum() if vals else torch.zeros(())
+
+    # ------------------------------------------------------------------ modes
+    @property
+    def mode(self) -> Mode:
+        """The current mode."""
+        return self._mode
+
+    def set_mode(self, mode: Mode | str, domain: str | None = None) -> None:
+        """Switch mode: ``set_mode("prefix", "chat")``, ``set_mode(Mode.routed({...}))``."""
+        mode = mode if isinstance(mode, Mode) else Mode(mode, domain=domain)
+        self._plan_for(mode)  # validate before switching
+        self._mode = mode
+        self._invalidate()
+
+    @contextlib.contextmanager
+    def using(self, mode: Mode | str, domain: str | None = None) -> Iterator[BrainStacks]:
+        """Context manager: run the block in ``mode`` and restore the previous mode afterwards."""
+        previous = self._mode
+        self.set_mode(mode, domain)
+        try:
+            yield self
+        finally:
+            self._mode = previous
+            self._invalidate()
+
+    def train_mode(self):
+        """Frozen stacks + active stack (the training condition)."""
+        return self.using("train")
+
+    def prefix(self, domain: str):
+        """Stacks of every domain up to and including ``domain`` in training order."""
+        return self.using("prefix", domain)
+
+    def isolated(self, domain: str):
+        """Only ``domain``'s frozen stacks."""
+        return self.using("isolated", domain)
+
+    def ungated(self):
+        """All frozen stacks at weight 1."""
+        return self.using("ungated")
+
+    def routed(self, weights: Mapping[str, float]):
+        """Per-domain weights by name; a domain at 0 (or absent) is neither loaded nor computed."""
+        return self.using(Mode.routed(weights))
+
+    def base_only(self):
+        """No stacks at all."""
+        return self.using("base_only")
+
+    def reference(self):
+        """Frozen stacks on, active stack off (reference policy for DPO/GRPO)."""
+        return self.using("reference")
+
+    def _plan_for(self, mode: Mode) -> _Plan:
+        stacks = self.frozen_stacks
+        chosen = select_frozen(mode, self.domain_order, [s.domain for s in stacks])
+        return _Plan([stacks[i] for i, _ in chosen], [w for _, w in chosen],
+                     use_active=mode.kind == "train" and self.active is not None)
+
+    def _invalidate(self) -> None:
+        self._plan = None
+
+    @property
+    def plan(self) -> _Plan:
+        """The stacks the current mode computes."""
+        if self._plan is None:
+            self._plan = self._plan_for(self._mode)
+        return self._plan
+
+    # ------------------------------------------------------------------ null space
+    def set_null_space(self, bases: Mapping[str, torch.Tensor] | None) -> None:
+        """Set the combined orthonormal bases V [d_out, k] per target key (``None`` clears them).
+
+        The active stack's delta is projected ``delta - (delta V) V^T`` and, at :meth:`freeze_active`,
+        the projection is folded into every expert's B.
+        """
+        self._null_space = {}
+        for key, v in (bases or {}).items():
+            if key not in self.shapes:
+                raise ConfigError(f"null-space basis for unknown target {key!r}")
+            if v.dim() != 2 or v.shape[0] != self.shapes[key][1]:
+                raise ConfigError(f"{key}: basis must be [d_out={self.shapes[key][1]}, k], got {tuple(v.shape)}")
+            if v.shape[1]:
+                self._null_space[key] = v.detach().to(device=self._device_of(key), dtype=torch.float32)
+
+    def add_null_space_basis(self, domain: str, bases: Mapping[str, torch.Tensor]) -> None:
+        """Record the directions claimed by ``domain`` and re-merge the combined bases of all domains."""
+        self.null_space_bases[domain] = {k: v.detach().float().cpu() for k, v in bases.items()}
+        self._merge_null_space()
+
+    def _merge_null_space(self) -> None:
+        merged = {}
+        for key in self.keys:
+            parts = [b[key] for b in self.null_space_bases.values() if key in b and b[key].numel()]
+            if parts:
+                merged[key] = merge_bases(parts)
+        self.set_null_space(merged)
+
+    @property
+    def null_space(self) -> dict[str, torch.Tensor]:
+        """The combined bases in use, per target key."""
+        return dict(self._null_space)
+
+    def null_space_capacity(self) -> dict[str, float]:
+        """Claimed directions / output dimension, per target key."""
+        return {k: v.shape[1] / self.shapes[k][1] for k, v in self._null_space.items()}
+
+    # ------------------------------------------------------------------ observation
+    @contextlib.contextmanager
+    def collect_frozen_deltas(self, callback: DeltaCollector) -> Iterator[None]:
+        """Call ``callback(key, delta [T, d_out])`` with the frozen stacks' summed delta at every hook.
+
+        The delta is the one the forward computes anyway (no second computation).
+        """
+        self._collectors.append(callback)
+        try:
+            yield
+        finally:
+            self._collectors.remove(callback)
+
+    @contextlib.contextmanager
+    def track_expert_utilization(self) -> Iterator[dict[str, dict[str, list[float]]]]:
+        """Count expert selections inside the block; the yielded dict is filled on exit.
+
+        Result: ``{stack label: {target key: [share of expert e]}}`` (shares sum to 1 per target).
+        """
+        stacks = [*self.frozen_stacks, *([self.active] if self.active is not None else [])]
+        for s in stacks:
+            for _, m in s.items():
+                m.expert_counts = None
+        result: dict[str, dict[str, list[float]]] = {}
+        self._track = True
+        try:
+            yield result
+        finally:
+            self._track = False
+            for s in stacks:
+                label = f"{s.domain}/r{s.round_index}" + ("" if s.frozen else "/active")
+                per = {}
+                for key, m in s.items():
+                    if m.expert_counts is not None and m.expert_counts.sum() > 0:
+                        per[key] = (m.expert_counts.float() / m.expert_counts.sum()).tolist()
+                if per:
+                    result[label] = per
+
+    # ------------------------------------------------------------------ hooks
+    def _reset_calls(self, module: nn.Module, args: Any) -> None:
+        for i in range(len(self._calls)):
+            self._calls[i] = 0
+
+    def _check_calls(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.check_bypass or self.plan.empty:
+            return
+        missed = [self.keys[i] for i, c in enumerate(self._calls) if c == 0]
+        if missed:
+            raise StackBypassed(
+                f"{len(missed)} projection hook(s) did not fire during this forward (first: {missed[0]}). "
+                "A fused kernel bypassed the projection modules (e.g. Unsloth fast decode, vLLM, fused LoRA), "
+                "so the stacks had no effect. Generate through the HF path (use_cache=False under Unsloth) "
+                "or disable the fast path."
+            )
+
+    def _group(self, key: str, plan: _Plan, device: torch.device) -> FrozenGroup:
+        cache = self._groups[key]
+        group = cache.get(plan.uids)
+        if group is None or group.w_in.device != device:
+            group = FrozenGroup([s.module_for(key) for s in plan.frozen], device=device)
+            cache[plan.uids] = group
+            while len(cache) > 2:  # keep the training set and one evaluation set per projection
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(plan.uids)
+        return group
+
+    def _frozen_delta(self, key: str, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if self.config.group_frozen:
+            return self._group(key, plan, x.device)(x, plan.weight_tensor(x.device), self._track)
+        delta = None
+        for stack, w in zip(plan.frozen, plan.weights):
+            m = stack.module_for(key)
+            d = m(x.to(m.A.device), track=self._track).to(x.device) * w  # [T, d_out]
+            delta = d if delta is None else delta + d
+        return delta
+
+    def _make_hook(self, index: int, key: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            self._calls[index] += 1
+            plan = self.plan
+            if plan.empty:
+                return output
+            x = args[0]
+            x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
+            delta = None
+            if plan.frozen:
+                delta = self._frozen_delta(key, x2, plan)  # [T, d_out]
+                for collect in self._collectors:
+                    collect(key, delta)
+            if plan.use_active:
+                d = self.active.module_for(key)(x2, self.config.aux_loss_coef, self.aux_grad_scale, self._track)
+                v = self._null_space.get(key)
+                if v is not None:
+                    d = project_out(d, v)
+                delta = d if delta is None else delta + d
+            return output + delta.view(*output.shape[:-1], -1).to(output.dtype)
+
+        return hook
+
+    # ------------------------------------------------------------------ save / load
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The base-model fingerprint as a JSON-ready dict."""
+        return self.fingerprint.to_dict()
+
+    def save_stack(self, stack: Stack, path: str | os.PathLike) -> str:
+        """Save one stack to ``path`` (atomic); returns its sha256."""
+        return save_stack(stack, path, self.fingerprint)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save every frozen stack plus the null-space bases and an index, atomically per file.
+
+        Layout: ``brainstacks.json`` (index: config, fingerprint, domain order, stacks with sha256),
+        ``stacks/NNN-<domain>-r<round>.safetensors``, ``null_space.safetensors``. The index is written
+        last, so a crash mid-save leaves the previous index valid.
+        """
+        directory = Path(directory)
+        if self.active is not None:
+            logger.warning("save(): the active (unfrozen) stack is not saved; freeze it first to keep it")
+        entries = []
+        for i, s in enumerate(self.frozen_stacks):
+            rel = f"stacks/{i:03d}-{s.domain}-r{s.round_index}.safetensors"
+            entries.append({"file": rel, "domain": s.domain, "round": s.round_index,
+                            "sha256": self.save_stack(s, directory / rel), "dtype": str(s.dtype).removeprefix("torch.")})
+        index: dict[str, Any] = {
+            "format_version": STACK_FORMAT_VERSION,
+            "library_version": __version__,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint_dict(),
+            "domain_order": self.domain_order,
+            "stacks": entries,
+            "null_space": None,
+        }
+        if self.null_space_bases:
+            tensors = {f"{d}/{k}": v for d, b in self.null_space_bases.items() for k, v in b.items()}
+            sha = save_safetensors_atomic(tensors, directory / NULL_SPACE_FILE)
+            index["null_space"] = {"file": NULL_SPACE_FILE, "sha256": sha, "domains": list(self.null_space_bases)}
+        atomic_write_json(directory / STACKS_INDEX_FILE, index)
+        return directory
+
+    @classmethod
+    def load(cls, model: nn.Module, directory: str | os.PathLike, config: StackConfig | None = None,
+             allow_fingerprint_mismatch: bool = False) -> BrainStacks:
+        """Attach hooks to ``model`` and restore every saved stack, frozen.
+
+        Everything is read and validated before the model is touched: a failed load raises
+        :class:`StackLoadError` (or :class:`FingerprintMismatch`) and leaves the model exactly as it was.
+        """
+        directory = Path(directory)
+        index_path = directory / STACKS_INDEX_FILE
+        if not index_path.is_file():
+            raise StackLoadError(f"{index_path}: not found (is {directory} a saved BrainStacks directory?)")
+        index = read_json(index_path)
+        try:
+            if index.get("format_version") != STACK_FORMAT_VERSION:
+                raise StackLoadError(f"{index_path}: format version {index.get('format_version')} unsupported")
+            saved_config = StackConfig.from_dict(index["config"])
+            saved_fp = ModelFingerprint.from_dict(index["fingerprint"])
+            entries = list(index["stacks"])
+            domain_order = list(index["domain_order"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise StackLoadError(f"{index_path}: malformed index ({e})") from e
+        if getattr(model, "_brainstacks_attached", False):
+            raise StackStateError("this model already has stacks attached; detach() them before load()")
+        config = config or saved_config
+        check_config_compatible(saved_config, config, str(index_path))
+        try:
+            targets = find_target_modules(model, config.target_modules)
+        except ConfigError as e:
+            raise StackLoadError(f"{index_path}: {e}") from e
+        model_fp = ModelFingerprint.from_model(model, targets)
+        check_fingerprint(saved_fp, model_fp, str(index_path), allow_fingerprint_mismatch)
+        shapes = {k: projection_features(m) for k, m in targets.items()}
+        stacks = []
+        for e in entries:
+            stack = load_stack(directory / e["file"], shapes, model_fp, config, expected_sha256=e["sha256"],
+                               allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+            if stack.domain != e["domain"] or stack.round_index != e["round"]:
+                raise StackLoadError(f"{directory / e['file']}: metadata says {stack.domain}/r{stack.round_index}, "
+                                     f"index says {e['domain']}/r{e['round']}")
+            stacks.append(stack)
+        bases: dict[str, dict[str, torch.Tensor]] = {}
+        if index.get("null_space"):
+            ns = index["null_space"]
+            tensors = load_safetensors_checked(directory / ns["file"], ns["sha256"])
+            for name, v in tensors.items():
+                d, _, key = name.partition("/")
+                if key not in shapes or v.shape[0] != shapes[key][1]:
+                    raise StackLoadError(f"{directory / ns['file']}: basis {name} does not fit the model")
+                bases.setdefault(d, {})[key] = v
+        # validated: now touch the model
+        self = cls.attach(model, config)
+        devices = {self._device_of(k) for k in self.keys}
+        for stack in stacks:
+            if not config.offload_frozen and len(devices) == 1:
+                stack.to(next(iter(devices)))
+            self._append_frozen(stack)
+        self.domain_order = domain_order + [d for d in self.domain_order if d not in domain_order]
+        for d, b in bases.items():
+            self.null_space_bases[d] = b
+        if bases:
+            self._merge_null_space()
+        self._invalidate()
+        return self
+
+
+_ATTACH_TOKEN = object()

@@ -1,0 +1,92 @@
+"""Modes: which stacks a forward pass computes, and with which weights.
+
+========== ==================================================================================
+mode       stacks computed
+========== ==================================================================================
+train      every frozen stack (weight 1) + the active stack (null-space projected)
+prefix(d)  frozen stacks of every domain up to and including d, in training order (weight 1):
+           the condition a domain was trained and validated under
+isolated(d) only d's frozen stacks
+ungated    every frozen stack at weight 1
+routed(w)  frozen stacks of each domain d with w[d] > 0, scaled by w[d] (by name, never position)
+base_only  nothing: the bare base model
+reference  every frozen stack at weight 1, the active stack off (the DPO/GRPO reference policy)
+========== ==================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+MODE_KINDS = ("train", "prefix", "isolated", "ungated", "routed", "base_only", "reference")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A mode and its argument (a domain for prefix/isolated, weights by domain for routed)."""
+
+    kind: str = "train"
+    domain: str | None = None
+    weights: tuple[tuple[str, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODE_KINDS:
+            raise ConfigError(f"unknown mode {self.kind!r}; valid modes: {MODE_KINDS}")
+        if self.kind in ("prefix", "isolated") and not self.domain:
+            raise ConfigError(f"mode {self.kind!r} needs a domain")
+        if self.kind == "routed" and self.weights is None:
+            raise ConfigError("mode 'routed' needs weights by domain name")
+
+    @classmethod
+    def routed(cls, weights: Mapping[str, float]) -> Mode:
+        """Routed mode from a ``{domain: weight}`` mapping."""
+        for d, w in weights.items():
+            if not isinstance(d, str):
+                raise ConfigError(f"routed weights are keyed by domain name, got key {d!r}")
+            if float(w) < 0:
+                raise ConfigError(f"routed weight of {d!r} is negative ({w})")
+        return cls("routed", weights=tuple(sorted((d, float(w)) for d, w in weights.items())))
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        """Parse ``"prefix:chat"``, ``"isolated:code"``, ``"ungated"``, ``"base"`` ... (CLI syntax)."""
+        kind, _, arg = text.partition(":")
+        kind = {"base": "base_only"}.get(kind, kind)
+        return cls(kind, domain=arg or None)
+
+    def describe(self) -> str:
+        """Short label, e.g. ``prefix(chat)``."""
+        if self.domain:
+            return f"{self.kind}({self.domain})"
+        if self.weights is not None:
+            return "routed(" + ", ".join(f"{d}={w:.2f}" for d, w in self.weights) + ")"
+        return self.kind
+
+
+def select_frozen(mode: Mode, domain_order: list[str], frozen_domains: list[str]) -> list[tuple[int, float]]:
+    """Indices into the frozen-stack list, with weights, that ``mode`` computes.
+
+    Args:
+        domain_order: domains in training order.
+        frozen_domains: the domain tag of every frozen stack, in stack order.
+    """
+    kind = mode.kind
+    if kind in ("base_only",):
+        return []
+    if kind in ("train", "ungated", "reference"):
+        return [(i, 1.0) for i in range(len(frozen_domains))]
+    if kind in ("prefix", "isolated"):
+        if mode.domain not in domain_order:
+            raise ConfigError(f"mode {kind}({mode.domain!r}): unknown domain; frozen domains are {domain_order}")
+        if kind == "isolated":
+            return [(i, 1.0) for i, d in enumerate(frozen_domains) if d == mode.domain]
+        allowed = set(domain_order[: domain_order.index(mode.domain) + 1])
+        return [(i, 1.0) for i, d in enumerate(frozen_domains) if d in allowed]
+    weights = dict(mode.weights or ())
+    unknown = sorted(set(weights) - set(domain_order))
+    if unknown:
+        raise ConfigError(f"routed weights name unknown domains {unknown}; frozen domains are {domain_order}")
+    return [(i, weights[d]) for i, d in enumerate(frozen_domains) if weights.get(d, 0.0) > 0.0]

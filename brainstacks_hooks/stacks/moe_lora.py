@@ -1,0 +1,187 @@
+"""MoE-LoRA for one projection (paper section 3.1) and the grouped compute of frozen stacks.
+
+Shapes: T tokens, ``d_in``/``d_out`` the projection's features, E experts of rank r, K active experts.
+
+The expert computation never materialises a [T, E, d_out] tensor. Because the gates are per token and
+per expert, the gated sum over experts equals one rank-(E*r) LoRA whose middle activations are scaled by
+the gates::
+
+    mid   = x @ A_flat^T                  # [T, E*r]
+    mid   = mid * repeat(gates, r) * s    # [T, E*r]   (zero for the E-K unused experts)
+    delta = mid @ B_flat                  # [T, d_out]
+
+so a MoE-LoRA step costs about the same as a rank-64 LoRA (``benchmarks/bench_moe_vs_lora.py``).
+The router (and noise) weights are concatenated with A, so x is read once per projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StackConfig
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on ``out`` whose backward also sends ``grad_scale`` into ``aux``.
+
+    This adds ``aux`` to the training loss without a side channel: the gradient reaches the router even
+    under reentrant gradient checkpointing, where a loss collected in a list during the (no-grad)
+    forward would silently have no ``grad_fn`` (see ``shared/research/unsloth_hooks.md`` section 3).
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, grad_scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(aux)
+        ctx.grad_scale = grad_scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (aux,) = ctx.saved_tensors
+        return grad_out, torch.full_like(aux, ctx.grad_scale), None
+
+
+def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse softmax over the top-k logits of the last dimension.
+
+    Args:
+        logits: [..., E] router logits.
+    Returns:
+        gates [..., E] with exactly k non-zero entries summing to 1 (others exactly 0), and the
+        top-k indices [..., k].
+    """
+    top_vals, top_idx = logits.topk(k, dim=-1)  # [..., k]
+    gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_vals, dim=-1))
+    return gates, top_idx
+
+
+def load_balance_loss(logits: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-style load-balance loss ``E * sum_e P_e * f_e`` (paper eq. 7), differentiable through P.
+
+    Args:
+        logits: [T, E] (noisy) router logits; P_e is the mean softmax probability of expert e.
+        top_idx: [T, K] chosen experts; f_e is expert e's share of the T*K assignments.
+    Returns:
+        Scalar, 1.0 at perfect balance, up to E when one expert takes everything.
+    """
+    probs = torch.softmax(logits.float(), dim=-1).mean(0)  # [E]
+    counts = torch.bincount(top_idx.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
+    frac = counts / counts.sum().clamp_min(1.0)
+    return num_experts * (probs * frac).sum()
+
+
+class MoELoRA(nn.Module):
+    """Mixture of E rsLoRA experts with a Shazeer noisy top-k router, for one projection.
+
+    Parameters (paper names in brackets):
+        A [E, r, d_in]: expert down projections, Kaiming-uniform.
+        B [E, d_out, r]: expert up projections, zeros, so a new module is an exact zero delta.
+        router [E, d_in]: router linear, N(0, 0.02).
+        noise [E, d_in]: noise linear (softplus gives the noise std), zeros.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: StackConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        E, r = config.num_experts, config.rank
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank, self.top_k = E, r, config.top_k
+        self.scale = config.scale
+        self.router_noise = config.router_noise
+        kw = {"dtype": dtype or torch.float32, "device": device}
+        self.A = nn.Parameter(torch.empty(E, r, in_features, **kw))
+        self.B = nn.Parameter(torch.zeros(E, out_features, r, **kw))
+        self.router = nn.Parameter(torch.empty(E, in_features, **kw))
+        self.noise = nn.Parameter(torch.zeros(E, in_features, **kw))
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) on a [r, d_in] matrix
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound)
+            self.router.normal_(0.0, config.router_init_std)
+        self.last_aux: torch.Tensor | None = None  # detached, for logging
+        self.expert_counts: torch.Tensor | None = None  # filled while utilisation tracking is on
+
+    def in_weight(self, with_noise: bool) -> torch.Tensor:
+        """[E*r + E (+E), d_in]: A, router (and noise) rows stacked so x is multiplied once."""
+        parts = [self.A.reshape(-1, self.in_features), self.router]
+        if with_noise:
+            parts.append(self.noise)
+        return torch.cat(parts, dim=0)
+
+    def out_weight(self) -> torch.Tensor:
+        """[E*r, d_out]: B laid out so that ``mid @ out_weight`` sums the experts."""
+        return self.B.transpose(1, 2).reshape(-1, self.out_features)
+
+    def forward(self, x: torch.Tensor, aux_coef: float = 0.0, aux_grad_scale: float = 1.0,
+                track: bool = False) -> torch.Tensor:
+        """Delta for ``x`` [T, d_in] -> [T, d_out].
+
+        In training mode with ``router_noise`` the logits get input-dependent Gaussian noise. When
+        ``aux_coef > 0`` and gradients are enabled, ``aux_coef * load_balance`` enters the backward pass
+        through :class:`AuxLossInjector`; its value is kept in ``last_aux`` for logging.
+        """
+        E, r = self.num_experts, self.rank
+        noisy = self.training and self.router_noise
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.A.dtype)
+        h = x @ self.in_weight(noisy).t()  # [T, E*r + E (+E)]
+        mid, logits = h[:, : E * r], h[:, E * r : E * r + E]  # [T, E*r], [T, E]
+        if noisy:
+            noise_std = F.softplus(h[:, E * r + E :])  # [T, E]
+            logits = logits + torch.randn_like(logits) * noise_std
+        gates, top_idx = top_k_gates(logits, self.top_k)  # [T, E], [T, K]
+        mid = (mid.view(-1, E, r) * (gates * self.scale).unsqueeze(-1).to(mid.dtype)).reshape(-1, E * r)
+        delta = mid @ self.out_weight().to(mid.dtype)  # [T, d_out]
+        if track:
+            self._count(top_idx)
+        if aux_coef > 0 and self.training:
+            aux = aux_coef * load_balance_loss(logits, top_idx, E)
+            self.last_aux = aux.detach()
+            if torch.is_grad_enabled() and aux.requires_grad:
+                delta = AuxLossInjector.apply(delta, aux, aux_grad_scale)
+        return delta
+
+    def _count(self, top_idx: torch.Tensor) -> None:
+        counts = torch.bincount(top_idx.reshape(-1), minlength=self.num_experts).cpu()
+        self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+
+
+class FrozenGroup:
+    """All frozen stacks used by one projection, concatenated for one grouped compute.
+
+    Holds W_in [N*E*r + N*E, d_in] (every stack's A rows, then every stack's router rows) and
+    W_out [N*E*r, d_out]. Built once per set of stacks and reused until that set changes.
+    """
+
+    def __init__(self, modules: list[MoELoRA], device: torch.device | None = None) -> None:
+        m0 = modules[0]
+        self.n, self.E, self.r, self.k, self.scale = len(modules), m0.num_experts, m0.rank, m0.top_k, m0.scale
+        dev = device or m0.A.device
+        self.w_in = torch.cat(
+            [m.A.detach().reshape(-1, m.in_features) for m in modules] + [m.router.detach() for m in modules]
+        ).to(dev)
+        self.w_out = torch.cat([m.out_weight().detach() for m in modules]).to(dev)
+        self.modules = modules
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, track: bool = False) -> torch.Tensor:
+        """Weighted sum of the N frozen deltas: ``x`` [T, d_in], ``weights`` [N] -> [T, d_out]."""
+        N, E, r = self.n, self.E, self.r
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.w_in.dtype)
+        h = x @ self.w_in.t()  # [T, N*E*r + N*E]
+        mid = h[:, : N * E * r].view(-1, N, E, r)  # [T, N, E, r]
+        logits = h[:, N * E * r :].view(-1, N, E)  # [T, N, E]
+        gates, top_idx = top_k_gates(logits, self.k)  # [T, N, E]
+        gates = gates * (weights.to(gates.dtype) * self.scale).view(1, N, 1)
+        mid = (mid * gates.unsqueeze(-1).to(mid.dtype)).reshape(-1, N * E * r)  # [T, N*E*r]
+        if track:
+            for i, m in enumerate(self.modules):
+                m._count(top_idx[:, i])
+        return mid @ self.w_out.to(mid.dtype)  # [T, d_out]
+
+    def nbytes(self) -> int:
+        """Bytes held by the concatenated weights."""
+        return self.w_in.numel() * self.w_in.element_size() + self.w_out.numel() * self.w_out.element_size()

@@ -1,0 +1,146 @@
+"""Stack files: one safetensors file per stack with JSON metadata; strict loading.
+
+Tensor keys are stable: ``layers.{i}.{proj}.{A|B|router|noise}``. The safetensors header carries the
+format version, the stack config, the base-model fingerprint, the domain and the round. Loading checks
+the checksum, the fingerprint, the exact key set, every shape and the dtype, and raises
+:class:`~brainstacks_hooks.errors.StackLoadError` (or :class:`FingerprintMismatch`) naming the file and
+what was expected and found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .. import __version__
+from ..constants import STACK_FORMAT_VERSION
+from ..errors import FingerprintMismatch, StackLoadError
+from ..models.fingerprint import ModelFingerprint
+from ..utils.io import save_safetensors_atomic, sha256_file
+from ..utils.logging import get_logger
+from .config import StackConfig
+from .stack import Stack
+
+logger = get_logger(__name__)
+
+_PARAM_NAMES = ("A", "B", "router", "noise")
+_COMPAT_FIELDS = ("num_experts", "top_k", "rank", "alpha", "use_rslora", "target_modules")
+
+
+def save_stack(stack: Stack, path: str | os.PathLike, fingerprint: ModelFingerprint) -> str:
+    """Write ``stack`` to ``path`` atomically and return the file's sha256."""
+    meta = {
+        "format_version": str(STACK_FORMAT_VERSION),
+        "library_version": __version__,
+        "domain": stack.domain,
+        "round": str(stack.round_index),
+        "frozen": "1" if stack.frozen else "0",
+        "dtype": str(stack.dtype).removeprefix("torch."),
+        "config": json.dumps(stack.config.to_dict()),
+        "fingerprint": json.dumps(fingerprint.to_dict()),
+    }
+    return save_safetensors_atomic(stack.tensors(), path, metadata=meta)
+
+
+def read_stack_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and decode a stack file's header without loading tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise StackLoadError(f"{path}: stack file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a corrupt header
+        raise StackLoadError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        if int(raw.get("format_version", -1)) != STACK_FORMAT_VERSION:
+            raise StackLoadError(
+                f"{path}: stack format version {raw.get('format_version')} (this library reads {STACK_FORMAT_VERSION})"
+            )
+        return {
+            "domain": raw["domain"],
+            "round": int(raw["round"]),
+            "frozen": raw.get("frozen", "1") == "1",
+            "dtype": raw["dtype"],
+            "config": StackConfig.from_dict(json.loads(raw["config"])),
+            "fingerprint": ModelFingerprint.from_dict(json.loads(raw["fingerprint"])),
+        }
+    except (KeyError, ValueError, json.JSONDecodeError) as e:
+        raise StackLoadError(f"{path}: malformed stack metadata ({e})") from e
+
+
+def check_fingerprint(saved: ModelFingerprint, model_fp: ModelFingerprint, source: str, allow_mismatch: bool) -> None:
+    """Raise :class:`FingerprintMismatch` when the stack was trained on another base (warn if allowed)."""
+    diffs = saved.differences(model_fp)
+    if not diffs:
+        return
+    msg = f"{source}: trained on {saved.model!r}, model is {model_fp.model!r}: " + "; ".join(diffs)
+    if allow_mismatch and not any("shape" in d or "missing" in d or "not in" in d for d in diffs):
+        logger.warning("loading despite fingerprint mismatch (allow_fingerprint_mismatch=True): %s", msg)
+        return
+    raise FingerprintMismatch(msg)
+
+
+def check_config_compatible(saved: StackConfig, config: StackConfig, source: str) -> None:
+    """Stacks attached to one model must share experts, top-k, rank, alpha, scaling and targets."""
+    bad = [f"{f}: file {getattr(saved, f)!r} != attached {getattr(config, f)!r}"
+           for f in _COMPAT_FIELDS if getattr(saved, f) != getattr(config, f)]
+    if bad:
+        raise StackLoadError(f"{source}: stack config incompatible with the attached config: " + "; ".join(bad))
+
+
+def load_stack(
+    path: str | os.PathLike,
+    shapes: dict[str, tuple[int, int]],
+    model_fingerprint: ModelFingerprint,
+    config: StackConfig,
+    expected_sha256: str | None = None,
+    allow_fingerprint_mismatch: bool = False,
+    device: torch.device | str = "cpu",
+) -> Stack:
+    """Load one stack file strictly and return it frozen (not yet attached to any model).
+
+    Raises:
+        StackLoadError: missing/corrupt file, checksum, metadata, key, shape or dtype problem.
+        FingerprintMismatch: the stack was trained on a different base model.
+    """
+    path = Path(path)
+    if expected_sha256 is not None:
+        actual = sha256_file(path) if path.is_file() else None
+        if actual is None:
+            raise StackLoadError(f"{path}: stack file not found")
+        if actual != expected_sha256:
+            raise StackLoadError(f"{path}: checksum mismatch (expected {expected_sha256[:16]}..., found {actual[:16]}...)")
+    meta = read_stack_metadata(path)
+    check_fingerprint(meta["fingerprint"], model_fingerprint, str(path), allow_fingerprint_mismatch)
+    check_config_compatible(meta["config"], config, str(path))
+    expected = {f"{k}.{n}" for k in shapes for n in _PARAM_NAMES}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        found = set(f.keys())
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        if missing or extra:
+            raise StackLoadError(f"{path}: key mismatch; missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                                 f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        tensors = {k: f.get_tensor(k) for k in sorted(expected)}
+    dtype = getattr(torch, meta["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise StackLoadError(f"{path}: unknown dtype {meta['dtype']!r} in metadata")
+    cfg = config
+    stack = Stack(shapes, cfg, domain=meta["domain"], round_index=meta["round"], dtype=dtype, device=device)
+    for key, module in stack.items():
+        for name in _PARAM_NAMES:
+            t = tensors[f"{key}.{name}"]
+            p = getattr(module, name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise StackLoadError(f"{path}: {key}.{name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            if t.dtype != dtype:
+                raise StackLoadError(f"{path}: {key}.{name} has dtype {t.dtype}, metadata says {dtype}")
+            with torch.no_grad():
+                p.copy_(t)
+    stack.freeze(dtype)
+    return stack

@@ -1,0 +1,1 @@
+"""Small shared utilities (I/O, logging, seeding, optional imports)."""

@@ -1,0 +1,75 @@
+"""apply_gating: strict threshold, chat floor, gap flag, gated-off domains absent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainstacks_hooks.router.gating import apply_gating, route_features, subset_route
+from brainstacks_hooks.router.model import MetaRouter
+
+FLOOR, THR = 0.20, 0.12
+
+
+def test_threshold_is_strict_and_weights_are_continuous():
+    route = apply_gating({"chat": 0.9, "code": 0.12, "math": 0.1201, "medical": 0.0}, FLOOR, "chat", THR)
+    assert route.gated_on == ["chat", "math"]
+    assert route.weights == {"chat": 0.9, "math": pytest.approx(0.1201)}
+    assert "code" not in route.weights and "medical" not in route.weights  # exactly absent
+    assert route.scores["code"] == 0.12 and not route.gap
+
+
+def test_chat_floor_raises_chat_and_keeps_raw_score():
+    route = apply_gating({"chat": 0.05, "math": 0.7}, FLOOR, "chat", THR)
+    assert route.weights == {"chat": FLOOR, "math": 0.7}
+    assert route.scores["chat"] == 0.05
+    # A chat score above the floor is kept as is.
+    assert apply_gating({"chat": 0.6, "math": 0.0}, FLOOR, "chat", THR).weights == {"chat": 0.6}
+
+
+def test_gap_uses_raw_scores_before_the_floor():
+    route = apply_gating({"chat": 0.01, "code": 0.12, "math": 0.0}, FLOOR, "chat", THR)
+    assert route.gap
+    assert route.weights == {"chat": FLOOR}  # chat still runs at the floor
+    assert not apply_gating({"chat": 0.13, "code": 0.0}, FLOOR, "chat", THR).gap
+
+
+def test_no_chat_domain_means_no_floor():
+    route = apply_gating({"code": 0.05, "math": 0.05}, FLOOR, "chat", THR)
+    assert route.weights == {} and route.gated_on == [] and route.gap
+    assert apply_gating({"chat": 0.0, "x": 0.0}, FLOOR, None, THR).weights == {}
+
+
+def test_floor_not_above_threshold_does_not_turn_chat_on():
+    assert apply_gating({"chat": 0.0, "math": 0.5}, 0.1, "chat", THR).weights == {"math": 0.5}
+    assert apply_gating({"chat": 0.0, "math": 0.5}, 0.12, "chat", THR).weights == {"math": 0.5}
+
+
+def test_invalid_scores_raise():
+    with pytest.raises(ValueError):
+        apply_gating({"a": float("nan")}, FLOOR, "chat", THR)
+    with pytest.raises(ValueError):
+        apply_gating({"a": -0.1}, FLOOR, "chat", THR)
+
+
+def test_subset_route_is_the_oracle_view_of_gating():
+    domains = ["chat", "code", "math"]
+    assert subset_route([], domains, FLOOR, "chat", THR).weights == {"chat": FLOOR}
+    assert subset_route(["math"], domains, FLOOR, "chat", THR).weights == {"chat": FLOOR, "math": 1.0}
+    assert subset_route(["chat"], domains, FLOOR, "chat", THR).weights == {"chat": 1.0}
+    assert subset_route(["code"], ["code", "math"], FLOOR, "chat", THR).weights == {"code": 1.0}
+    with pytest.raises(ValueError):
+        subset_route(["nope"], domains, FLOOR, "chat", THR)
+
+
+def test_route_features_uses_router_probabilities():
+    torch.manual_seed(0)
+    router = MetaRouter(8, ["chat", "math"], hidden=8).eval()
+    feats = torch.randn(3, 4, 8)
+    routes = route_features(router, feats, None, FLOOR, "chat", THR)
+    probs = router.predict(feats)
+    assert len(routes) == 3
+    for route, p in zip(routes, probs):
+        expected = apply_gating({"chat": p[0].item(), "math": p[1].item()}, FLOOR, "chat", THR)
+        assert route.weights == expected.weights and route.gap == expected.gap
+        assert "router_ms" in route.timings

@@ -1,0 +1,127 @@
+"""Modes: prefix, isolated, ungated, routed by name, base only, reference; aux loss under checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from stack_helpers import add_domain, logits, randomize_active
+
+from brainstacks_hooks import BrainStacks, ConfigError, Mode, StackConfig
+from brainstacks_hooks.stacks.serialization import load_stack
+
+
+def _three_domains(model):
+    stacks = BrainStacks.attach(model)
+    add_domain(stacks, "chat", 1, rounds=2)
+    add_domain(stacks, "code", 2)
+    add_domain(stacks, "math", 3)
+    return stacks
+
+
+def test_prefix_isolated_ungated_select_the_right_stacks(tiny_llama, tiny_batch):
+    stacks = _three_domains(tiny_llama)
+    sel = lambda: [(s.domain, s.round_index) for s in stacks.plan.frozen]  # noqa: E731
+    with stacks.prefix("code"):
+        assert sel() == [("chat", 0), ("chat", 1), ("code", 0)]
+    with stacks.isolated("chat"):
+        assert sel() == [("chat", 0), ("chat", 1)]
+    with stacks.ungated():
+        assert len(sel()) == 4
+    with stacks.base_only():
+        assert sel() == []
+    with stacks.routed({"math": 0.5, "chat": 0.0}):
+        assert sel() == [("math", 0)] and stacks.plan.weights == [0.5]
+    with pytest.raises(ConfigError):
+        stacks.set_mode("prefix", "legal")
+    with pytest.raises(ConfigError):
+        stacks.set_mode(Mode.routed({"legal": 1.0}))
+
+
+def test_mode_context_restores_previous_mode(tiny_llama):
+    stacks = _three_domains(tiny_llama)
+    stacks.set_mode("isolated", "code")
+    with stacks.ungated():
+        assert stacks.mode.kind == "ungated"
+    assert stacks.mode == Mode("isolated", "code")
+    assert Mode.parse("prefix:chat") == Mode("prefix", "chat") and Mode.parse("base").kind == "base_only"
+
+
+def test_active_stack_only_in_train_mode(tiny_llama, tiny_batch):
+    stacks = _three_domains(tiny_llama)
+    with stacks.ungated():
+        ungated = logits(tiny_llama, tiny_batch)
+    stacks.new_stack("med")
+    randomize_active(stacks, 9)
+    with stacks.reference():
+        assert torch.equal(logits(tiny_llama, tiny_batch), ungated)
+    with stacks.train_mode():
+        assert not torch.equal(logits(tiny_llama, tiny_batch), ungated)
+
+
+def test_routed_weights_reach_the_right_domain_whatever_the_load_order(tmp_path, tiny_batch):
+    model = make_tiny_llama()
+    stacks = _three_domains(model)
+    paths = [stacks.save_stack(s, tmp_path / f"{i}.safetensors") and tmp_path / f"{i}.safetensors"
+             for i, s in enumerate(stacks.frozen_stacks)]
+    weights = {"chat": 0.3, "code": 0.0, "math": 1.0}
+    with stacks.routed(weights):
+        expected = logits(model, tiny_batch)
+    with stacks.routed({"code": 1.0}):
+        only_code = logits(model, tiny_batch)
+    with stacks.isolated("code"):
+        assert torch.equal(logits(model, tiny_batch), only_code)
+
+    other = make_tiny_llama()
+    reloaded = BrainStacks.attach(other)
+    for p in reversed(paths):  # math, code, chat, chat: the opposite order
+        reloaded.add_frozen(load_stack(p, reloaded.shapes, reloaded.fingerprint, reloaded.config))
+    assert reloaded.domains == ["math", "code", "chat"]
+    with reloaded.routed(weights):
+        torch.testing.assert_close(logits(other, tiny_batch), expected, rtol=1e-5, atol=1e-5)
+    with reloaded.routed({"code": 1.0}):
+        torch.testing.assert_close(logits(other, tiny_batch), only_code, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_weight_scales_the_domain_delta(tiny_llama, tiny_batch):
+    stacks = BrainStacks.attach(tiny_llama, StackConfig(target_modules=("q_proj",)))
+    add_domain(stacks, "a", 1)
+    got = {}
+    for w in (1.0, 0.25):
+        with stacks.routed({"a": w}), stacks.collect_frozen_deltas(lambda k, d, w=w: got.setdefault((k, w), d)):
+            logits(tiny_llama, tiny_batch)
+    torch.testing.assert_close(got[("layers.0.q_proj", 0.25)], 0.25 * got[("layers.0.q_proj", 1.0)])
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_aux_loss_gradient_reaches_router_under_checkpointing(checkpointing, tiny_batch):
+    model = make_tiny_llama()
+    stacks = BrainStacks.attach(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    stacks.new_stack("a")  # B = 0: the task loss gives the router no gradient, only the aux loss can
+    model.train()
+    torch.manual_seed(0)
+    model(**tiny_batch).loss.backward()
+    router = stacks.active.module_for("layers.1.down_proj").router
+    assert router.grad is not None and router.grad.abs().sum() > 0
+    assert stacks.aux_loss().item() > 0
+
+
+def test_aux_gradient_identical_with_and_without_reentrant_checkpointing(tiny_batch):
+    grads = []
+    for ckpt in (False, True):
+        model = make_tiny_llama()
+        stacks = BrainStacks.attach(model)
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+            model.enable_input_require_grads()
+        torch.manual_seed(3)
+        stacks.new_stack("a")
+        randomize_active(stacks, 4)
+        model.train()
+        torch.manual_seed(0)
+        model(**tiny_batch).loss.backward()
+        grads.append(torch.cat([m.router.grad.flatten() for _, m in stacks.active.items()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)

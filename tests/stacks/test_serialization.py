@@ -1,0 +1,146 @@
+"""Save/load: bit-identical round trip, strict loading, model untouched on failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file, save_file
+from stack_helpers import add_domain, logits
+
+from brainstacks_hooks import BrainStacks, FingerprintMismatch, StackConfig, StackLoadError
+from brainstacks_hooks.utils.io import sha256_file
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_batch):
+    model = make_tiny_llama()
+    stacks = BrainStacks.attach(model)
+    add_domain(stacks, "chat", 1, rounds=2)
+    add_domain(stacks, "code", 2)
+    stacks.save(tmp_path / "run")
+    out = {}
+    for mode in ("ungated", "prefix:chat", "isolated:code"):
+        kind, _, dom = mode.partition(":")
+        with stacks.using(kind, dom or None):
+            out[mode] = logits(model, tiny_batch)
+    return tmp_path / "run", out
+
+
+def test_save_load_gives_bit_identical_logits(saved, tiny_batch):
+    path, expected = saved
+    model = make_tiny_llama()
+    stacks = BrainStacks.load(model, path)
+    assert stacks.domains == ["chat", "code"] and len(stacks.frozen_stacks) == 3
+    assert all(s.frozen and not any(p.requires_grad for p in s.parameters()) for s in stacks.frozen_stacks)
+    for mode, want in expected.items():
+        kind, _, dom = mode.partition(":")
+        with stacks.using(kind, dom or None):
+            assert torch.equal(logits(model, tiny_batch), want), mode
+
+
+def _assert_untouched(model, keys):
+    assert not getattr(model, "_brainstacks_attached", False)
+    assert set(model.state_dict()) == keys
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def _rewrite(path, mutate):
+    """Rewrite a stack file through ``mutate(tensors, meta)`` and fix its checksum in the index."""
+    index = json.loads((path / "brainstacks.json").read_text())
+    entry = index["stacks"][0]
+    f = path / entry["file"]
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    tensors = load_file(str(f))
+    mutate(tensors, meta)
+    save_file(tensors, str(f), metadata=meta)
+    entry["sha256"] = sha256_file(f)
+    (path / "brainstacks.json").write_text(json.dumps(index))
+
+
+def _missing_key(t, m):
+    del t["layers.0.q_proj.A"]
+
+
+def _extra_key(t, m):
+    t["layers.9.q_proj.A"] = torch.zeros(1)
+
+
+def _bad_shape(t, m):
+    t["layers.0.q_proj.B"] = torch.zeros(4, 32, 8)
+
+
+def _bad_dtype(t, m):
+    t["layers.0.q_proj.B"] = t["layers.0.q_proj.B"].half()
+
+
+def _bad_config(t, m):
+    cfg = json.loads(m["config"])
+    cfg["rank"] = 8
+    m["config"] = json.dumps(cfg)
+
+
+@pytest.mark.parametrize("mutate", [_missing_key, _extra_key, _bad_shape, _bad_dtype, _bad_config])
+def test_bad_stack_file_raises_and_leaves_model_untouched(saved, mutate):
+    path, _ = saved
+    _rewrite(path, mutate)
+    model = make_tiny_llama()
+    keys = set(model.state_dict())
+    with pytest.raises(StackLoadError):
+        BrainStacks.load(model, path)
+    _assert_untouched(model, keys)
+
+
+def test_checksum_mismatch_and_missing_files(saved):
+    path, _ = saved
+    model = make_tiny_llama()
+    keys = set(model.state_dict())
+    stack_file = next((path / "stacks").iterdir())
+    data = bytearray(stack_file.read_bytes())
+    data[-5] ^= 0xFF
+    stack_file.write_bytes(bytes(data))
+    with pytest.raises(StackLoadError, match="checksum"):
+        BrainStacks.load(model, path)
+    stack_file.unlink()
+    with pytest.raises(StackLoadError, match="not found"):
+        BrainStacks.load(model, path)
+    with pytest.raises(StackLoadError, match="not found"):
+        BrainStacks.load(model, path / "nowhere")
+    (path / "brainstacks.json").write_text("{not json")
+    with pytest.raises(StackLoadError):
+        BrainStacks.load(model, path)
+    _assert_untouched(model, keys)
+
+
+def test_fingerprint_mismatch_even_when_shapes_match(saved):
+    path, _ = saved
+    other = make_tiny_llama(rope_theta=1234.0)  # same shapes, different architecture config
+    keys = set(other.state_dict())
+    with pytest.raises(FingerprintMismatch, match="config hash"):
+        BrainStacks.load(other, path)
+    _assert_untouched(other, keys)
+    stacks = BrainStacks.load(other, path, allow_fingerprint_mismatch=True)  # explicit override warns
+    assert len(stacks.frozen_stacks) == 3
+    wider = make_tiny_llama(intermediate_size=48)
+    with pytest.raises(FingerprintMismatch):
+        BrainStacks.load(wider, path, allow_fingerprint_mismatch=True)  # shapes differ: never allowed
+
+
+def test_frozen_dtype_storage(tmp_path, tiny_batch):
+    model = make_tiny_llama()
+    stacks = BrainStacks.attach(model, StackConfig(frozen_dtype="bfloat16"))
+    add_domain(stacks, "a", 1)
+    assert stacks.frozen_stacks[0].dtype == torch.bfloat16
+    with stacks.ungated():
+        want = logits(model, tiny_batch)
+    stacks.save(tmp_path)
+    model2 = make_tiny_llama()
+    again = BrainStacks.load(model2, tmp_path)
+    assert again.frozen_stacks[0].dtype == torch.bfloat16
+    with again.ungated():
+        assert torch.equal(logits(model2, tiny_batch), want)
