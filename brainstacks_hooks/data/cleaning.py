@@ -44,8 +44,9 @@ def _literal(token: str) -> str:
 def _build_pattern() -> re.Pattern[str]:
     roles = "|".join(_ROLE_WORDS)
     openers = "|".join(re.escape(t) for t in _TURN_OPENERS)
-    others = "|".join(_literal(t) for t in sorted(set(CHAT_TOKEN_PATTERNS) - set(_TURN_OPENERS), key=len,
-                                                   reverse=True))
+    others = "|".join(
+        _literal(t) for t in sorted(set(CHAT_TOKEN_PATTERNS) - set(_TURN_OPENERS), key=len, reverse=True)
+    )
     opener = rf"(?:{openers})(?:[ \t]*(?:{roles})(?!\w)[ \t]*:?(?:[ \t]*\r?\n)?)?"
     return re.compile(rf"{opener}|{others}", re.IGNORECASE)
 

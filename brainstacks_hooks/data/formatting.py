@@ -31,6 +31,7 @@ logger = get_logger(__name__)
 IGNORE_INDEX = -100
 #: Template used when the tokenizer has no chat template. ``{system_block}`` is ``"<system>\n\n"`` or "".
 FALLBACK_TEMPLATE = "{system_block}### Instruction:\n{user}\n\n### Response:\n"
+_WARNED_TEMPLATES: set[str] = set()
 
 
 def build_messages(instruction: str, input: str = "", system: str | None = None) -> list[dict[str, str]]:
@@ -91,10 +92,14 @@ def _completion_text(
     if full.startswith(prompt):
         # Trailing newlines after the end-of-turn marker are not part of the answer.
         return full[len(prompt) :].rstrip("\n")
-    logger.warning(
-        "chat template renders the assistant turn differently from its generation prompt; "
-        "labelling the raw output followed by EOS instead"
-    )
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if name not in _WARNED_TEMPLATES:
+        _WARNED_TEMPLATES.add(name)
+        logger.warning(
+            "chat template of %s renders the assistant turn differently from its generation prompt; "
+            "labelling the raw output followed by EOS instead",
+            name,
+        )
     return output
 
 
@@ -228,13 +233,17 @@ class CompletionCollator:
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             length = ((length + m - 1) // m) * m
-        masks = [_as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(x) for f, x in
-                 zip(features, ids)]
+        masks = [
+            _as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(x)
+            for f, x in zip(features, ids)
+        ]
         batch = {
             "input_ids": torch.tensor([x + [self.pad_token_id] * (length - len(x)) for x in ids]),
             "attention_mask": torch.tensor([m + [0] * (length - len(m)) for m in masks]),
         }
         if all("labels" in f for f in features):
             labels = [_as_list(f["labels"]) for f in features]
-            batch["labels"] = torch.tensor([y + [self.label_pad_token_id] * (length - len(y)) for y in labels])
+            batch["labels"] = torch.tensor(
+                [y + [self.label_pad_token_id] * (length - len(y)) for y in labels]
+            )
         return batch

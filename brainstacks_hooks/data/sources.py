@@ -219,7 +219,9 @@ def load_domain_rows(
     else:
         path = _require_data_dir(data_dir, f"domain {domain!r}") / domain / f"{split}.jsonl"
         if not path.is_file():
-            available = sorted(p.name for p in path.parent.parent.iterdir() if (p / f"{split}.jsonl").is_file())
+            available = sorted(
+                p.name for p in path.parent.parent.iterdir() if (p / f"{split}.jsonl").is_file()
+            )
             raise DataError(f"{path} not found (domains with a {split} split there: {available})")
         report.origin.append(str(path))
         raw_rows = [(f"{domain}-{split}", r) for r in _iter_jsonl(path)]
@@ -248,8 +250,14 @@ def load_domain_rows(
     report.kept_by_source = dict(sorted(Counter(r["source"] for r in rows).items()))
     report.sample_ids_hash = _ids_hash([r["id"] for r in rows])
     if dropped:
-        logger.info("%s/%s: dropped %d of %d rows %s", domain, split, sum(dropped.values()), report.n_read,
-                    report.dropped)
+        logger.info(
+            "%s/%s: dropped %d of %d rows %s",
+            domain,
+            split,
+            sum(dropped.values()),
+            report.n_read,
+            report.dropped,
+        )
     return rows, report
 
 

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -127,4 +128,44 @@ def route_features(
         route = apply_gating(dict(zip(router.domains, row.tolist())), chat_floor, chat_domain, gate_threshold)
         route.timings["router_ms"] = router_ms
         routes.append(route)
+    return routes
+
+
+def route_prompts(
+    bs: Any,
+    tokenizer: Any,
+    router: MetaRouter,
+    meta: Mapping[str, Any],
+    prompts: Sequence[Any],
+    batch_size: int = 8,
+) -> list[Route]:
+    """Route raw prompts end to end with a router loaded by :func:`~.serialization.load_router`.
+
+    Features are computed with the recipe stored in ``meta`` (sequence length, layer weights) inside
+    ``bs.base_only()``, and gated with the stored chat floor, chat domain and gate threshold, so routing
+    is exactly what the router was trained for.
+
+    Args:
+        bs: The :class:`BrainStacks` (or a bare HF base model).
+        tokenizer: The base tokenizer.
+        router: The router.
+        meta: The router's ``router.json`` dictionary.
+        prompts: Instruction strings, ``(instruction, input)`` pairs or mappings.
+        batch_size: Prompts per base forward.
+
+    Returns:
+        One :class:`Route` per prompt, with ``features_ms`` and ``router_ms`` (per batch) in ``timings``.
+    """
+    from .config import FeatureRecipe
+    from .features import compute_features
+
+    recipe = FeatureRecipe.from_dict(dict(meta["feature_recipe"]))
+    t0 = time.perf_counter()
+    feats, mask = compute_features(bs, tokenizer, prompts, recipe, batch_size, progress=False)
+    features_ms = (time.perf_counter() - t0) * 1000.0
+    routes = route_features(
+        router, feats, mask, meta["chat_floor"], meta["chat_domain"], meta["gate_threshold"]
+    )
+    for r in routes:
+        r.timings["features_ms"] = features_ms
     return routes

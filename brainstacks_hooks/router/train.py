@@ -31,8 +31,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +214,6 @@ class RouterTrainResult:
     train_indices: list[int]
     val_indices: list[int]
     n_conflicting_prompts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def history_dicts(self) -> list[dict[str, float]]:
         """History as JSON-ready dictionaries."""
@@ -277,19 +275,25 @@ def validation_metrics(
 
 @torch.no_grad()
 def evaluate_router(
-    router: MetaRouter, data: RouterData, batch_size: int = 64, device: str | torch.device = "cpu"
+    router: MetaRouter,
+    data: RouterData,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    indices: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Validation metrics of ``router`` on ``data`` (eval mode, no gradients)."""
+    """Validation metrics of ``router`` on ``data`` (or its rows ``indices``), in eval mode."""
+    rows = torch.as_tensor(list(indices) if indices is not None else range(len(data)), dtype=torch.long)
     was_training = router.training
     router.eval()
     logits = []
-    for start in range(0, len(data), batch_size):
-        f = data.features[start : start + batch_size].to(device)  # [b, S, D]
-        m = data.attention_mask[start : start + batch_size].to(device)  # [b, S]
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        f = data.features[idx].to(device)  # [b, S, D]
+        m = data.attention_mask[idx].to(device)  # [b, S]
         logits.append(router(f, m).float().cpu())
     router.train(was_training)
     z = torch.cat(logits) if logits else torch.zeros(0, len(data.domains))  # [N, n]
-    return validation_metrics(torch.sigmoid(z), z, data.targets, data.is_mixed)
+    return validation_metrics(torch.sigmoid(z), z, data.targets[rows], data.is_mixed[rows])
 
 
 def _cosine(total_steps: int) -> Callable[[int], float]:
@@ -342,12 +346,13 @@ def train_router(
             raise ConfigError(f"explicit split has {len(overlap)} prompts on both sides")
     if not train_idx or not val_idx:
         raise DataError(f"empty split (train {len(train_idx)}, val {len(val_idx)})")
-    train, val = data.subset(train_idx), data.subset(val_idx)
+    # Rows are gathered per batch from the cached tensors (no copy of the features per split).
+    train_rows = torch.tensor(train_idx, dtype=torch.long)
     logger.info(
         "router data: %d train rows, %d val rows (%d mixed), %d domains",
-        len(train),
-        len(val),
-        int(val.is_mixed.sum()),
+        len(train_idx),
+        len(val_idx),
+        int(data.is_mixed[val_idx].sum()),
         len(data.domains),
     )
 
@@ -356,7 +361,7 @@ def train_router(
         data.features.shape[-1], data.domains, config.hidden, config.dropout, config.temperature_clamp
     ).to(device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps_per_epoch * config.epochs))
     gen = torch.Generator().manual_seed(config.seed)
 
@@ -366,13 +371,13 @@ def train_router(
     for epoch in tqdm(range(1, config.epochs + 1), desc="router epochs", disable=not progress):
         t0 = time.perf_counter()
         router.train()
-        order = torch.randperm(len(train), generator=gen)
+        order = train_rows[torch.randperm(len(train_rows), generator=gen)]
         sums = torch.zeros(3)
-        for start in range(0, len(train), config.batch_size):
+        for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            f = train.features[idx].to(device)  # [b, S, D]
-            m = train.attention_mask[idx].to(device)  # [b, S]
-            t = train.targets[idx].to(device)  # [b, n]
+            f = data.features[idx].to(device)  # [b, S, D]
+            m = data.attention_mask[idx].to(device)  # [b, S]
+            t = data.targets[idx].to(device)  # [b, n]
             logits = router(f, m)  # [b, n]
             loss, bce, pen = router.loss(logits, t, config.margin_coef, config.margin)
             optimizer.zero_grad(set_to_none=True)
@@ -382,8 +387,8 @@ def train_router(
             optimizer.step()
             scheduler.step()
             sums += torch.stack([loss.detach(), bce.detach(), pen.detach()]).cpu() * len(idx)
-        train_loss, train_bce, train_margin = (sums / len(train)).tolist()
-        vm = evaluate_router(router, val, batch_size=max(64, config.batch_size), device=device)
+        train_loss, train_bce, train_margin = (sums / len(train_rows)).tolist()
+        vm = evaluate_router(router, data, max(64, config.batch_size), device, indices=val_idx)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,

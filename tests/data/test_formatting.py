@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from brainstacks_hooks.data import (
@@ -37,6 +37,7 @@ CORPUS = [
 def _bpe(special: list[str], vocab_size: int = 400) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
@@ -169,6 +170,20 @@ def test_fallback_template_without_chat_template(bos_tok: PreTrainedTokenizerFas
     assert bos_tok.decode(ex["input_ids"][n:]) == "hello world</s>"
 
 
+def test_template_mismatch_labels_raw_output_plus_eos(chatml: PreTrainedTokenizerFast) -> None:
+    tok = chatml.__class__(tokenizer_object=chatml.backend_tokenizer, eos_token="<|im_end|>")
+    # the generation prompt differs from how the assistant turn is rendered in a full conversation
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}answer:{% endif %}"
+    )
+    ex = encode_example(tok, "Say hi", "", "Hello", max_length=128)
+    assert ex is not None
+    n = len(encode_prompt(tok, "Say hi")["input_ids"])
+    assert ex["labels"][:n] == [IGNORE_INDEX] * n
+    assert tok.decode(ex["input_ids"][n:]) == "Hello<|im_end|>"
+
+
 def test_encode_prompt_truncation_keeps_tail_and_bos(bos_tok: PreTrainedTokenizerFast) -> None:
     full = encode_prompt(bos_tok, "The answer is 42. " * 10)["input_ids"]
     cut = encode_prompt(bos_tok, "The answer is 42. " * 10, max_length=12)
@@ -203,3 +218,33 @@ def test_collator_without_labels_and_with_tensors() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError):
         CompletionCollator(pad_token_id=0)([])
+
+
+@pytest.mark.slow
+def test_real_smollm2_tokenizer_on_shared_rows() -> None:
+    """The embedded SmolLM2 tokenizer (from its GGUF) on real rows of every domain."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from brainstacks_hooks.data import load_domain_rows
+
+    embedded = pytest.importorskip("brainstacks_hooks.models.embedded")
+    data_dir = Path("/work/shared/data")
+    try:
+        gguf = embedded.find_gguf(download=False)
+    except Exception as e:  # BackendUnavailable or ConfigError: no local GGUF
+        pytest.skip(f"embedded GGUF not available: {e}")
+    if not data_dir.is_dir():
+        pytest.skip("shared/data not present")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for domain in ("chat", "code", "math", "medical", "reasoning"):
+        rows, _ = load_domain_rows(domain, "val", data_dir=data_dir, n=15, seed=0)
+        for row in rows:
+            prompt = encode_prompt(tok, row["instruction"], row["input"])["input_ids"]
+            ex = encode_example(tok, row["instruction"], row["input"], row["output"], max_length=4096)
+            assert ex is not None, row["id"]
+            n = len(prompt)
+            assert ex["input_ids"][:n] == prompt and ex["labels"][:n] == [IGNORE_INDEX] * n
+            assert tok.decode(ex["input_ids"][n:]) == row["output"] + "<|im_end|>", row["id"]
+            assert ex["input_ids"].count(tok.eos_token_id) == prompt.count(tok.eos_token_id) + 1

@@ -73,3 +73,34 @@ def test_route_features_uses_router_probabilities():
         expected = apply_gating({"chat": p[0].item(), "math": p[1].item()}, FLOOR, "chat", THR)
         assert route.weights == expected.weights and route.gap == expected.gap
         assert "router_ms" in route.timings
+
+
+class _CharTokenizer:
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, None
+    chat_template = None
+    all_special_ids = [0, 2]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+
+def test_route_prompts_uses_the_stored_recipe_and_gating(tiny_llama, tmp_path):
+    from brainstacks_hooks.router.config import FeatureRecipe, RouterConfig
+    from brainstacks_hooks.router.features import compute_features
+    from brainstacks_hooks.router.gating import route_prompts
+    from brainstacks_hooks.router.serialization import load_router, save_router
+
+    torch.manual_seed(0)
+    cfg = RouterConfig(hidden=8, seq_len=6, chat_floor=0.3, gate_threshold=0.4)
+    router = MetaRouter(32, ["chat", "math"], hidden=8)
+    save_router(router, cfg, tmp_path, feature_recipe=cfg.feature_recipe(), base_fingerprint={"m": 1})
+    loaded, meta = load_router(tmp_path)
+    prompts = ["What is 2 + 2? Please explain in detail.", "hello"]
+    routes = route_prompts(tiny_llama, _CharTokenizer(), loaded, meta, prompts)
+    feats, mask = compute_features(
+        tiny_llama, _CharTokenizer(), prompts, FeatureRecipe(seq_len=6), progress=False
+    )
+    assert feats.shape[1] == 6  # the stored seq_len, not a default
+    expected = route_features(loaded, feats, mask, 0.3, "chat", 0.4)
+    assert [r.weights for r in routes] == [r.weights for r in expected]
+    assert all("features_ms" in r.timings and "router_ms" in r.timings for r in routes)

@@ -1,0 +1,164 @@
+"""Shared helpers of the benchmark scripts: model, batch, machine info, interleaved timing, peak memory.
+
+Timing protocol: every variant lives in the same process; each repetition runs every variant once (for
+``steps`` timed calls after ``warmup`` untimed ones), in an order that rotates between repetitions, so a
+burst of load from another process hits all variants alike. Ratios are formed *within* a repetition and
+the median over repetitions is reported (plus the ratio of the per-variant minimum times).
+
+Memory protocol: each variant runs in its own child process (``--child``); the child resets the kernel's
+RSS high-water mark (``/proc/self/clear_refs``) once the model and adapters are set up, runs the steps and
+reports the peak RSS (``VmHWM``) and the peak minus the RSS before the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+MODEL_NAME = "smollm2-135m-instruct"
+
+
+def load_model():
+    """The embedded SmolLM2-135M-Instruct in float32, eval mode, and its tokenizer."""
+    from brainstacks_hooks.models.loading import load_base_model
+
+    model, tok = load_base_model(MODEL_NAME, dtype="float32")
+    model.eval()
+    return model, tok
+
+
+def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` x ``seq`` random token ids (ids 100.. avoid special tokens), labels = inputs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab_size, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, core count, torch/transformers versions, intra-op threads."""
+    import transformers
+
+    model = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"Model name:\s*(.+)", out)
+        model = m.group(1).strip() if m else model
+        flags = re.search(r"Flags:\s*(.+)", out)
+        if flags and "avx512_bf16" in flags.group(1).split():
+            model += " (avx512_bf16)"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+    }
+
+
+def print_header(title: str, args) -> None:
+    info = machine_info()
+    print(f"# {title}")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print("args: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "child"))
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share the CPU; see the ratios)")
+    sys.stdout.flush()
+
+
+def interleaved(variants: dict[str, Callable[[], None]], repeats: int, steps: int, warmup: int,
+                setup: dict[str, Callable[[], None]] | None = None, log: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of every variant, one entry per repetition (mean over ``steps`` calls).
+
+    ``setup[name]`` (optional) runs untimed before the variant's warm-up calls in every repetition.
+    The variant order rotates by one each repetition.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            if setup and name in setup:
+                setup[name]()
+            for _ in range(warmup):
+                variants[name]()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                variants[name]()
+            times[name].append((time.perf_counter() - t0) / steps)
+        if log:
+            print(f"  rep {rep + 1}/{repeats}: " + "  ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
+    return times
+
+
+def ratio_stats(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float, float]:
+    """(median of per-repetition ratios, min ratio, max ratio, ratio of the minimum times) of num/den."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return statistics.median(ratios), min(ratios), max(ratios), min(times[num]) / min(times[den])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(run: Callable[[], None]) -> dict[str, float]:
+    """Run ``run`` and return peak RSS (MiB) during it, RSS before it, and ru_maxrss of the whole process."""
+    import gc
+
+    gc.collect()
+    resettable = reset_peak_rss()
+    before = _status_kib("VmRSS")
+    run()
+    peak = _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "rss_before_mib": before / 1024,
+        "peak_mib": peak / 1024,
+        "peak_over_before_mib": (peak - before) / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "reset_ok": resettable,
+    }
+
+
+def run_child(script: str, child_args: list[str]) -> dict:
+    """Run ``script --child ...`` in a fresh interpreter and parse its last ``RESULT {json}`` line."""
+    cmd = [sys.executable, script, *child_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child {' '.join(cmd)} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def emit_child_result(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

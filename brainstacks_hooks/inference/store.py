@@ -1,0 +1,765 @@
+"""``StackStore``: disk-offloaded frozen stacks, loaded only when a route needs them (paper section 6.3).
+
+The "Superposition LLM": every domain stack stays on disk (safetensors, written by
+:meth:`BrainStacks.save`) until a route gives its domain a weight above zero. Then its file is memory-mapped
+with ``safetensors.safe_open``, verified and attached to the model with :meth:`BrainStacks.add_frozen`.
+A domain gated off costs no load and no compute: its stacks are detached.
+
+Example::
+
+    stacks = BrainStacks.attach(model, StackConfig())          # hooks only, no stacks
+    store = StackStore(stacks, "out/stacks", budget_bytes=2 << 30)
+    report = store.activate({"chat": 0.8, "code": 0.4})        # loads chat + code, detaches the rest
+    out = model.generate(**inputs)                             # routed(chat=0.8, code=0.4)
+    store.activate({"chat": 1.0})                              # cache hit: nothing read from disk
+
+Tiers and budgets (all byte counts are parameter bytes, :meth:`Stack.nbytes`):
+
+* **device tier** (``budget_bytes``): stacks resident on the compute device, in LRU order. The stacks of
+  the current route are always resident; other recently used stacks stay cached while they fit, so a
+  repeated route reads nothing. When a route needs room, least recently used stacks are evicted first.
+  The tier never holds more than ``budget_bytes``; a single route needing more raises
+  :class:`StackBudgetError` before anything changes.
+* **host tier** (``host_budget_bytes``, default 0 = off): stacks evicted from the device tier are kept as
+  (pinned, on CUDA) CPU copies, so a later route promotes them with a host-to-device copy instead of a
+  disk read. On a CPU-only machine the compute device *is* host RAM, so the second tier adds nothing
+  that a larger ``budget_bytes`` would not give (it works, without copies, but is pointless).
+
+Memory outside the budget: with ``StackConfig.group_frozen`` the hooks keep a concatenated copy of the
+stacks of (at most) the two most recent stack sets per projection (``BrainStacks`` group cache), so the
+peak is about ``budget_bytes + 2 * (bytes of one route)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import mmap
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..constants import STACK_FORMAT_VERSION, STACKS_INDEX_FILE
+from ..errors import ConfigError, FingerprintMismatch, StackLoadError, StackStateError
+from ..models.fingerprint import ModelFingerprint
+from ..stacks.brainstacks import BrainStacks
+from ..stacks.config import StackConfig
+from ..stacks.modes import Mode
+from ..stacks.serialization import check_config_compatible, check_fingerprint, read_stack_metadata
+from ..stacks.stack import _UIDS, Stack
+from ..utils.io import read_json
+from ..utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+_PARAM_NAMES = ("A", "B", "router", "noise")
+_ALIGN = 64  # byte alignment of every tensor inside a stack's flat buffer
+
+
+class StackBudgetError(ConfigError):
+    """A single route needs more bytes than the store's device budget allows."""
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One stack file listed in the ``brainstacks.json`` index.
+
+    Attributes:
+        name: ``"<domain>/r<round>"``, unique in the index; routes and reports use it, never positions.
+        domain: domain the stack belongs to.
+        round_index: inner-loop round.
+        path: absolute path of the safetensors file.
+        sha256: checksum recorded in the index (verified on first load).
+        dtype: parameter dtype.
+        nbytes: parameter bytes once loaded (what budgets count).
+        position: position in the index: stacks are attached in this order, as :meth:`BrainStacks.load`
+            does, so a route computes bit-identically to a full load.
+    """
+
+    name: str
+    domain: str
+    round_index: int
+    path: Path
+    sha256: str
+    dtype: torch.dtype
+    nbytes: int
+    position: int
+
+
+@dataclass
+class StoreStats:
+    """Counters of a :class:`StackStore` (per stack, not per route).
+
+    Attributes:
+        hits: stacks a route found already on the device tier.
+        host_hits: stacks promoted from the host tier (no disk read).
+        misses: stacks read from disk.
+        bytes_read: file bytes read from disk (each file counted once per load).
+        load_ms: wall time spent reading, verifying and building stacks from disk (prefetches included).
+        verified: checksum verifications done (first load of a file, or after the file changed).
+        evictions: stacks evicted from the device tier.
+        host_evictions: stacks dropped from the host tier.
+        prefetched: stacks loaded by :meth:`StackStore.prefetch`.
+        resident_bytes: parameter bytes on the device tier now (not reset by ``reset_stats``).
+        host_bytes: parameter bytes on the host tier now (not reset by ``reset_stats``).
+    """
+
+    hits: int = 0
+    host_hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    load_ms: float = 0.0
+    verified: int = 0
+    evictions: int = 0
+    host_evictions: int = 0
+    prefetched: int = 0
+    resident_bytes: int = 0
+    host_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ActivationReport:
+    """What one :meth:`StackStore.activate` call did.
+
+    Attributes:
+        weights: the positive weights applied, by domain.
+        mode: ``Mode.routed(weights)``; set on the ``BrainStacks`` unless ``set_mode=False``.
+        attached: names of the stacks attached now, in index order.
+        hits: names found on the device tier.
+        host_hits: names promoted from the host tier.
+        loaded: names read from disk.
+        evicted: names evicted from the device tier to make room.
+        bytes_read: file bytes read from disk by this call.
+        load_ms: wall time of this call's disk loads.
+    """
+
+    weights: dict[str, float]
+    mode: Mode
+    attached: tuple[str, ...]
+    hits: tuple[str, ...] = ()
+    host_hits: tuple[str, ...] = ()
+    loaded: tuple[str, ...] = ()
+    evicted: tuple[str, ...] = ()
+    bytes_read: int = 0
+    load_ms: float = 0.0
+
+
+@dataclass
+class _Cached:
+    """A loaded stack and the flat buffer its parameters are views of."""
+
+    entry: StackEntry
+    stack: Stack
+    buf: torch.Tensor  # uint8 [layout bytes]
+
+
+@dataclass
+class _Read:
+    """Result of reading one file (possibly in a prefetch thread): a flat buffer and bookkeeping."""
+
+    entry: StackEntry
+    buf: torch.Tensor
+    file_bytes: int
+    ms: float
+    signature: tuple[int, int, int]
+    verified: bool
+    event: Any = None  # torch.cuda.Event when the buffer was copied on the side stream
+    for_device: bool = True
+
+
+@dataclass
+class _Layout:
+    """Where each tensor of a stack lives in its flat buffer."""
+
+    items: list[tuple[str, tuple[int, ...], int, int]] = field(default_factory=list)  # key, shape, offset, bytes
+    total: int = 0  # buffer bytes (with alignment padding)
+    nbytes: int = 0  # parameter bytes
+
+
+def _file_signature(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _sha256_mapped(mm: mmap.mmap) -> str:
+    return hashlib.sha256(mm).hexdigest()  # releases the GIL: runs alongside the tensor copies
+
+
+class StackStore:
+    """Frozen stacks on disk, attached on demand by name, with an LRU device cache and a host tier.
+
+    Args:
+        stacks: the model's :class:`BrainStacks` (from :meth:`BrainStacks.attach`; its frozen stacks, if
+            any, must not belong to the index's domains).
+        directory: a directory written by :meth:`BrainStacks.save` (``brainstacks.json`` + stack files).
+            The index is read once here; calls never rescan the directory.
+        budget_bytes: device-tier budget in parameter bytes (``None``: unlimited, nothing is evicted).
+        host_budget_bytes: host-tier budget (``0``: no host tier, ``None``: unlimited). Pointless on a
+            CPU-only machine (see the module docstring).
+        device: where stacks are computed; default: the model's device (CPU when the model spans
+            several devices or ``StackConfig.offload_frozen`` is set).
+        allow_fingerprint_mismatch: load stacks saved on a base whose config hash differs (shapes must
+            still match), with a warning.
+
+    The index's ``domain_order`` becomes ``stacks.domain_order`` so prefix semantics keep training order.
+
+    Raises:
+        StackLoadError: the index is missing or malformed, or its config is incompatible.
+        FingerprintMismatch: the stacks were trained on another base model.
+        StackStateError: ``stacks`` already holds frozen stacks of the index's domains.
+
+    Not thread-safe: call it from one thread (prefetches run in a worker it owns).
+    """
+
+    def __init__(self, stacks: BrainStacks, directory: str | os.PathLike, budget_bytes: int | None = None,
+                 host_budget_bytes: int | None = 0, device: torch.device | str | None = None,
+                 allow_fingerprint_mismatch: bool = False) -> None:
+        for label, value in (("budget_bytes", budget_bytes), ("host_budget_bytes", host_budget_bytes)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{label} must be >= 0 or None (got {value})")
+        self.stacks = stacks
+        self.directory = Path(directory)
+        self.budget_bytes = budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
+        self.device = torch.device(device) if device is not None else self._default_device()
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if self.host_budget_bytes != 0 and self.device.type == "cpu":
+            logger.info("host tier on a CPU device: stacks evicted from the device tier stay in the same RAM "
+                        "(a larger budget_bytes is equivalent)")
+        self._layouts: dict[torch.dtype, _Layout] = {}
+        self._templates: dict[torch.dtype, Stack] = {}
+        self.entries: dict[str, StackEntry] = {}
+        self.domain_order: list[str] = []
+        self._by_domain: dict[str, list[StackEntry]] = {}
+        self._read_index()
+        clash = sorted({s.domain for s in stacks.frozen_stacks} & set(self._by_domain))
+        if clash:
+            raise StackStateError(f"stacks already holds frozen stacks of store domains {clash}; "
+                                  "attach the store to a BrainStacks without them")
+        stacks.domain_order = self.domain_order + [d for d in stacks.domain_order if d not in self._by_domain]
+        stacks._invalidate()
+        self._device_tier: OrderedDict[str, _Cached] = OrderedDict()  # least recently used first
+        self._host_tier: OrderedDict[str, _Cached] = OrderedDict()
+        self._attached: list[str] = []
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._pending: dict[str, tuple[Future[_Read], int]] = {}  # name -> (read, device bytes reserved)
+        self._pending_bytes = 0
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._side_stream: Any = None
+        self._stats = StoreStats()
+        logger.info("stack store %s: %d stacks of %d domains, device %s, budget %s, host budget %s",
+                    self.directory, len(self.entries), len(self._by_domain), self.device,
+                    budget_bytes, host_budget_bytes)
+
+    # ------------------------------------------------------------------ index
+    def _default_device(self) -> torch.device:
+        if self.stacks.config.offload_frozen:
+            return torch.device("cpu")
+        devices = {self.stacks._device_of(k) for k in self.stacks.keys}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+    def _read_index(self) -> None:
+        index_path = self.directory / STACKS_INDEX_FILE
+        if not index_path.is_file():
+            raise StackLoadError(f"{index_path}: not found (is {self.directory} a saved BrainStacks directory?)")
+        index = read_json(index_path)
+        try:
+            if index.get("format_version") != STACK_FORMAT_VERSION:
+                raise StackLoadError(f"{index_path}: format version {index.get('format_version')} unsupported")
+            saved_config = StackConfig.from_dict(index["config"])
+            saved_fp = ModelFingerprint.from_dict(index["fingerprint"])
+            raw_entries = list(index["stacks"])
+            order = [str(d) for d in index["domain_order"]]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise StackLoadError(f"{index_path}: malformed index ({e})") from e
+        check_config_compatible(saved_config, self.stacks.config, str(index_path))
+        check_fingerprint(saved_fp, self.stacks.fingerprint, str(index_path), self.allow_fingerprint_mismatch)
+        root = self.directory.absolute()
+        for pos, raw in enumerate(raw_entries):
+            try:
+                domain, round_index, rel, sha = str(raw["domain"]), int(raw["round"]), str(raw["file"]), raw["sha256"]
+                dtype = getattr(torch, str(raw.get("dtype", "float32")), None)
+            except (KeyError, TypeError, ValueError) as e:
+                raise StackLoadError(f"{index_path}: malformed stack entry {pos} ({e})") from e
+            if not isinstance(dtype, torch.dtype):
+                raise StackLoadError(f"{index_path}: stack entry {pos} has unknown dtype {raw.get('dtype')!r}")
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:  # lexical check: symlinked folders are fine
+                raise StackLoadError(f"{index_path}: stack file {rel!r} is outside {self.directory}")
+            path = root / rel
+            name = f"{domain}/r{round_index}"
+            if name in self.entries:
+                raise StackLoadError(f"{index_path}: stack {name} is listed twice")
+            entry = StackEntry(name, domain, round_index, path, str(sha), dtype, self._layout(dtype).nbytes, pos)
+            self.entries[name] = entry
+            self._by_domain.setdefault(domain, []).append(entry)
+        for entries in self._by_domain.values():
+            entries.sort(key=lambda e: e.position)
+        self.domain_order = order + [d for d in self._by_domain if d not in order]
+
+    def _layout(self, dtype: torch.dtype) -> _Layout:
+        layout = self._layouts.get(dtype)
+        if layout is None:
+            cfg, elem = self.stacks.config, torch.empty((), dtype=dtype).element_size()
+            E, r = cfg.num_experts, cfg.rank
+            layout = _Layout()
+            for key, (d_in, d_out) in self.stacks.shapes.items():
+                shapes = {"A": (E, r, d_in), "B": (E, d_out, r), "router": (E, d_in), "noise": (E, d_in)}
+                for name in _PARAM_NAMES:
+                    nbytes = math.prod(shapes[name]) * elem
+                    layout.items.append((f"{key}.{name}", shapes[name], layout.total, nbytes))
+                    layout.nbytes += nbytes
+                    layout.total += -(-nbytes // _ALIGN) * _ALIGN
+            self._layouts[dtype] = layout
+        return layout
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def domains(self) -> list[str]:
+        """Domains in the index, in training order."""
+        return list(self.domain_order)
+
+    def stacks_of(self, domain: str) -> list[StackEntry]:
+        """Index entries of one domain, in index order."""
+        if domain not in self._by_domain:
+            raise ConfigError(f"unknown domain {domain!r}; the store holds {self.domain_order}")
+        return list(self._by_domain[domain])
+
+    @property
+    def resident(self) -> list[str]:
+        """Names on the device tier, least recently used first."""
+        return list(self._device_tier)
+
+    @property
+    def host_resident(self) -> list[str]:
+        """Names on the host tier, least recently used first."""
+        return list(self._host_tier)
+
+    @property
+    def attached(self) -> list[str]:
+        """Names attached to the model now, in index order."""
+        return list(self._attached)
+
+    def stats(self) -> StoreStats:
+        """A copy of the counters, with the current resident and host bytes."""
+        return replace(self._stats, resident_bytes=self._tier_bytes(self._device_tier),
+                       host_bytes=self._tier_bytes(self._host_tier))
+
+    def reset_stats(self) -> None:
+        """Zero the counters (resident and host bytes always reflect the current state)."""
+        self._stats = StoreStats()
+
+    @staticmethod
+    def _tier_bytes(tier: Mapping[str, _Cached]) -> int:
+        return sum(c.entry.nbytes for c in tier.values())
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, weights: Mapping[str, float]) -> tuple[dict[str, float], list[StackEntry]]:
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"weights must map domain names to floats, got {type(weights).__name__}")
+        unknown = sorted(str(d) for d in weights if d not in self._by_domain)
+        if unknown:
+            raise ConfigError(f"route names unknown domains {unknown}; the store holds {self.domain_order}")
+        positive: dict[str, float] = {}
+        for d, w in weights.items():
+            w = float(w)
+            if not math.isfinite(w) or w < 0:
+                raise ConfigError(f"routed weight of {d!r} must be finite and >= 0 (got {w})")
+            if w > 0:
+                positive[d] = w
+        needed = sorted((e for d in positive for e in self._by_domain[d]), key=lambda e: e.position)
+        return positive, needed
+
+    def activate(self, weights: Mapping[str, float], set_mode: bool = True) -> ActivationReport:
+        """Attach exactly the stacks of the domains with weight > 0, detach all others, set routed mode.
+
+        Stacks found on the device tier cost nothing; others come from the host tier or from disk
+        (checksum verified on the first load of each file). Least recently used stacks are evicted when
+        the budget requires it. With ``set_mode`` (default) the ``BrainStacks`` is switched to
+        ``Mode.routed(weights)``, so a plain ``model(...)``/``model.generate(...)`` uses the route;
+        with ``set_mode=False`` only attachments change and the caller runs under
+        ``stacks.using(report.mode)`` (or :meth:`routed`).
+
+        A route with no positive weight detaches every store stack (the base model, plus any
+        non-store stacks). In-flight prefetches are waited for first.
+
+        Raises:
+            ConfigError: unknown domain, negative or non-finite weight.
+            StackBudgetError: the route needs more than ``budget_bytes`` (nothing changed).
+            StackLoadError: a stack file is missing, corrupt or mismatched (named with its domain). No
+                store stack is attached afterwards, the cache keeps what it had, and other routes work.
+        """
+        positive, needed = self._route(weights)
+        need_bytes = sum(e.nbytes for e in needed)
+        if self.budget_bytes is not None and need_bytes > self.budget_bytes:
+            raise StackBudgetError(
+                f"route {sorted(positive)} needs {need_bytes} bytes of stacks ({len(needed)} stacks), more than "
+                f"the device budget of {self.budget_bytes} bytes; raise budget_bytes or route fewer domains")
+        self._collect_prefetches(wait=True)
+        keep = {e.name for e in needed}
+        hits, host_hits, loaded, evicted = [], [], [], []
+        bytes_before, ms_before = self._stats.bytes_read, self._stats.load_ms
+        try:
+            for e in needed:
+                if e.name in self._device_tier:
+                    self._device_tier.move_to_end(e.name)
+                    hits.append(e.name)
+                    continue
+                from_host = self._host_tier.pop(e.name, None)  # taken first: making room cannot drop it
+                evicted += self._make_room(e.nbytes, keep)
+                if from_host is not None:
+                    self._promote(from_host)
+                    host_hits.append(e.name)
+                else:
+                    self._device_tier[e.name] = self._build(self._read(e, device_target=True))
+                    self._stats.misses += 1
+                    loaded.append(e.name)
+        except StackLoadError:
+            self._detach_all()
+            if set_mode:
+                self.stacks.set_mode(Mode.routed({}))
+            raise
+        self._stats.hits += len(hits)
+        self._stats.host_hits += len(host_hits)
+        self._attach([e.name for e in needed])
+        mode = Mode.routed(positive)
+        if set_mode:
+            self.stacks.set_mode(mode)
+        report = ActivationReport(dict(positive), mode, tuple(self._attached), tuple(hits), tuple(host_hits),
+                                  tuple(loaded), tuple(evicted), self._stats.bytes_read - bytes_before,
+                                  self._stats.load_ms - ms_before)
+        logger.debug("activate %s: %d hit, %d host, %d loaded (%d B, %.1f ms), %d evicted", mode.describe(),
+                     len(hits), len(host_hits), len(loaded), report.bytes_read, report.load_ms, len(evicted))
+        return report
+
+    @contextlib.contextmanager
+    def routed(self, weights: Mapping[str, float]) -> Iterator[ActivationReport]:
+        """Activate ``weights`` and run the block under ``stacks.routed(weights)`` (previous mode restored)."""
+        report = self.activate(weights, set_mode=False)
+        with self.stacks.using(report.mode):
+            yield report
+
+    def deactivate(self) -> None:
+        """Detach every store stack (they stay cached). The mode is left as it is."""
+        self._detach_all()
+
+    def clear(self) -> None:
+        """Detach everything and drop both tiers (files are re-verified only if they changed)."""
+        self._collect_prefetches(wait=True)
+        self._detach_all()
+        self._device_tier.clear()
+        self._host_tier.clear()
+
+    def close(self) -> None:
+        """Wait for prefetches and stop the store's worker threads (the cache stays usable)."""
+        self._collect_prefetches(wait=True)
+        for pool in (self._hash_pool, self._prefetch_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._hash_pool = self._prefetch_pool = None
+
+    # ------------------------------------------------------------------ attachments
+    def _attach(self, names: list[str]) -> None:
+        if names == self._attached:
+            return
+        self._detach_all()
+        for name in names:  # index order, as BrainStacks.load: bit-identical grouped compute
+            self.stacks.add_frozen(self._device_tier[name].stack)
+            self._attached.append(name)
+
+    def _detach_all(self) -> None:
+        for name in self._attached:
+            cached = self._device_tier.get(name)
+            if cached is not None:
+                self.stacks.remove_frozen(cached.stack)
+        self._attached = []
+
+    def _detach_one(self, name: str) -> None:
+        if name in self._attached:
+            self.stacks.remove_frozen(self._device_tier[name].stack)
+            self._attached.remove(name)
+
+    # ------------------------------------------------------------------ tiers
+    def _make_room(self, nbytes: int, keep: set[str]) -> list[str]:
+        """Evict least recently used device stacks (never those in ``keep``) until ``nbytes`` fit."""
+        if self.budget_bytes is None:
+            return []
+        evicted = []
+        used = self._tier_bytes(self._device_tier) + self._pending_bytes
+        for name in list(self._device_tier):
+            if used + nbytes <= self.budget_bytes:
+                break
+            if name in keep:
+                continue
+            used -= self._device_tier[name].entry.nbytes
+            self._evict(name)
+            evicted.append(name)
+        if used + nbytes > self.budget_bytes:  # cannot happen: activate checks the route fits
+            raise StackBudgetError(f"cannot fit {nbytes} bytes in the device budget of {self.budget_bytes}")
+        return evicted
+
+    def _evict(self, name: str) -> None:
+        self._detach_one(name)
+        cached = self._device_tier.pop(name)
+        self._stats.evictions += 1
+        if self.host_budget_bytes != 0:
+            if self.host_budget_bytes is not None and cached.entry.nbytes > self.host_budget_bytes:
+                return
+            self._make_host_room(cached.entry.nbytes)
+            if cached.buf.device.type != "cpu":
+                host = torch.empty(cached.buf.numel(), dtype=torch.uint8, pin_memory=self._cuda)
+                host.copy_(cached.buf)
+                self._bind(cached.stack, cached.entry, host)
+                cached.buf = host
+            self._host_tier[name] = cached
+        logger.debug("evicted %s from the device tier%s", name, " to the host tier" if name in self._host_tier else "")
+
+    def _make_host_room(self, nbytes: int) -> None:
+        if self.host_budget_bytes is None:
+            return
+        used = self._tier_bytes(self._host_tier)
+        while self._host_tier and used + nbytes > self.host_budget_bytes:
+            _, dropped = self._host_tier.popitem(last=False)
+            used -= dropped.entry.nbytes
+            self._stats.host_evictions += 1
+
+    def _promote(self, cached: _Cached) -> None:
+        """Move a stack taken from the host tier onto the device tier (pinned, asynchronous copy on CUDA)."""
+        if cached.buf.device != self.device:
+            cached.buf = cached.buf.to(self.device, non_blocking=self._cuda)
+            self._bind(cached.stack, cached.entry, cached.buf)
+        self._device_tier[cached.entry.name] = cached
+
+    # ------------------------------------------------------------------ loading
+    def _read(self, entry: StackEntry, device_target: bool, on_side_stream: bool = False) -> _Read:
+        """Read and check one file into a flat buffer (on the device when ``device_target``).
+
+        Safe to run in a worker thread: touches no store state except the read-only index and layouts.
+        """
+        t0 = time.perf_counter()
+        where = f"stack {entry.name} (domain {entry.domain!r}, file {entry.path})"
+        try:
+            st = entry.path.stat()
+            signature = _file_signature(st)
+            verify = self._verified.get(entry.name) != signature
+            buf = self._read_checked(entry, verify, pin=self._cuda, parallel_hash=not on_side_stream)
+        except FingerprintMismatch as e:
+            raise FingerprintMismatch(f"{where}: {e}") from e
+        except StackLoadError as e:
+            raise StackLoadError(f"{where}: {e}") from e
+        except OSError as e:
+            raise StackLoadError(f"{where}: cannot read the file ({e})") from e
+        event = None
+        if device_target and buf.device != self.device:
+            if on_side_stream:
+                with torch.cuda.stream(self._side_stream):
+                    buf = buf.to(self.device, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._side_stream)
+            else:
+                buf = buf.to(self.device)
+        return _Read(entry, buf, st.st_size, (time.perf_counter() - t0) * 1000.0, signature, verify, event,
+                     device_target)
+
+    def _read_checked(self, entry: StackEntry, verify: bool, pin: bool, parallel_hash: bool) -> torch.Tensor:
+        path = entry.path
+        meta = read_stack_metadata(path)
+        check_fingerprint(meta["fingerprint"], self.stacks.fingerprint, str(path), self.allow_fingerprint_mismatch)
+        check_config_compatible(meta["config"], self.stacks.config, str(path))
+        if (meta["domain"], meta["round"]) != (entry.domain, entry.round_index):
+            raise StackLoadError(f"file metadata says {meta['domain']}/r{meta['round']}, index says {entry.name}")
+        if meta["dtype"] != str(entry.dtype).removeprefix("torch."):
+            raise StackLoadError(f"file dtype {meta['dtype']} differs from the index dtype {entry.dtype}")
+        layout = self._layout(entry.dtype)
+        buf: torch.Tensor | None = None
+        error: StackLoadError | None = None
+        with open(path, "rb") as fh:
+            mm = None
+            if verify:
+                try:
+                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as e:
+                    raise StackLoadError(f"cannot map the file ({e})") from e
+            future = self._pool("hash").submit(_sha256_mapped, mm) if mm is not None and parallel_hash else None
+            try:
+                buf = self._copy_tensors(path, layout, entry.dtype, pin)
+            except StackLoadError as e:
+                error = e
+            finally:  # the hash thread must be done with the mapping before it is closed
+                if future is not None:
+                    digest = future.result()
+                elif mm is not None:
+                    digest = _sha256_mapped(mm)
+                else:
+                    digest = None
+                if mm is not None:
+                    mm.close()
+        if digest is not None and digest != entry.sha256:
+            raise StackLoadError(f"checksum mismatch (index sha256 {entry.sha256[:16]}..., file {digest[:16]}...)")
+        if error is not None:
+            raise error
+        assert buf is not None
+        return buf
+
+    @staticmethod
+    def _copy_tensors(path: Path, layout: _Layout, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """Copy every tensor from the memory-mapped file into one owned (pinned) buffer, strictly checked.
+
+        The copy matters: safetensors tensors are views of the file mapping, which would change (or fault)
+        if the file were rewritten in place after verification.
+        """
+        buf = torch.empty(layout.total, dtype=torch.uint8, pin_memory=pin)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = set(f.keys())
+                expected = {key for key, _, _, _ in layout.items}
+                missing, extra = sorted(expected - found), sorted(found - expected)
+                if missing or extra:
+                    raise StackLoadError(f"key mismatch; missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+                for key, shape, offset, nbytes in layout.items:
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != shape:
+                        raise StackLoadError(f"{key} has shape {tuple(t.shape)}, expected {shape}")
+                    if t.dtype != dtype:
+                        raise StackLoadError(f"{key} has dtype {t.dtype}, metadata says {dtype}")
+                    buf[offset : offset + nbytes].view(dtype).view(shape).copy_(t)
+        except StackLoadError:
+            raise
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise StackLoadError(f"not a readable safetensors file ({e})") from e
+        return buf
+
+    def _build(self, read: _Read) -> _Cached:
+        """Turn a read buffer into a frozen :class:`Stack` whose parameters are views of the buffer."""
+        entry = read.entry
+        if read.verified:
+            self._verified[entry.name] = read.signature
+            self._stats.verified += 1
+        self._stats.bytes_read += read.file_bytes
+        self._stats.load_ms += read.ms
+        template = self._templates.get(entry.dtype)
+        if template is None:  # built once on the meta device: no allocation, no random init per load
+            template = Stack(self.stacks.shapes, self.stacks.config, "template", dtype=entry.dtype, device="meta")
+            self._templates[entry.dtype] = template
+        stack = copy.deepcopy(template)
+        stack.domain, stack.round_index, stack.uid = entry.domain, entry.round_index, next(_UIDS)
+        self._bind(stack, entry, read.buf)
+        stack.frozen = True
+        stack.train(False)
+        logger.debug("loaded %s from %s (%d B, %.1f ms%s)", entry.name, entry.path.name, read.file_bytes, read.ms,
+                     ", verified" if read.verified else "")
+        return _Cached(entry, stack, read.buf)
+
+    def _bind(self, stack: Stack, entry: StackEntry, buf: torch.Tensor) -> None:
+        """Point every parameter of ``stack`` at its slice of ``buf`` (no copy)."""
+        layout = self._layout(entry.dtype)
+        for key, shape, offset, nbytes in layout.items:
+            target, _, name = key.rpartition(".")
+            view = buf[offset : offset + nbytes].view(entry.dtype).view(shape)
+            setattr(stack.module_for(target), name, nn.Parameter(view, requires_grad=False))
+
+    def _pool(self, kind: str) -> ThreadPoolExecutor:
+        attr = f"_{kind}_pool"
+        pool = getattr(self, attr)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stackstore-{kind}")
+            setattr(self, attr, pool)
+        return pool
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, weights: Mapping[str, float]) -> list[str]:
+        """Start loading the stacks a route will need, without attaching or evicting anything.
+
+        Stacks go to the device tier while its free budget allows, then to the host tier while that
+        allows; the rest is left for :meth:`activate`. Returns the names scheduled.
+
+        On CUDA the reads run in a worker thread into pinned host buffers and the host-to-device copies
+        are issued on a side stream; :meth:`activate` waits for them (and makes the compute stream wait
+        on their events). This path cannot be tested on the CPU-only development machine. On CPU the
+        loads are synchronous: a following :meth:`activate` finds them as hits.
+
+        A load error is not raised here: the stack is skipped (logged) and :meth:`activate` retries it.
+        """
+        _, needed = self._route(weights)
+        scheduled = []
+        for e in needed:
+            if e.name in self._device_tier or e.name in self._host_tier or e.name in self._pending:
+                continue
+            to_device = self._fits_free(e.nbytes)
+            if not to_device and not self._fits_host_free(e.nbytes):
+                continue
+            if self._cuda:
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(self.device)
+                reserved = e.nbytes if to_device else 0
+                self._pending[e.name] = (self._pool("prefetch").submit(self._read, e, to_device, True), reserved)
+                self._pending_bytes += reserved
+            else:
+                try:
+                    self._land(self._read(e, device_target=to_device))
+                except StackLoadError as err:
+                    logger.warning("prefetch of %s failed (activate will retry): %s", e.name, err)
+                    continue
+            scheduled.append(e.name)
+        return scheduled
+
+    def _fits_free(self, nbytes: int) -> bool:
+        if self.budget_bytes is None:
+            return True
+        return self._tier_bytes(self._device_tier) + self._pending_bytes + nbytes <= self.budget_bytes
+
+    def _fits_host_free(self, nbytes: int) -> bool:
+        if self.host_budget_bytes == 0:
+            return False
+        return self.host_budget_bytes is None or self._tier_bytes(self._host_tier) + nbytes <= self.host_budget_bytes
+
+    def _land(self, read: _Read) -> None:
+        """Insert a prefetched stack into its tier (most recently used end)."""
+        if read.event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(read.event)
+            read.buf.record_stream(stream)  # allocated on the side stream, used on the compute stream
+        cached = self._build(read)
+        self._stats.misses += 1
+        self._stats.prefetched += 1
+        if read.for_device:
+            self._device_tier[read.entry.name] = cached
+        else:
+            self._make_host_room(read.entry.nbytes)
+            self._host_tier[read.entry.name] = cached
+
+    def _collect_prefetches(self, wait: bool) -> None:
+        for name, (future, reserved) in list(self._pending.items()):
+            if not wait and not future.done():
+                continue
+            del self._pending[name]
+            self._pending_bytes -= reserved
+            try:
+                read = future.result()
+            except StackLoadError as err:
+                logger.warning("prefetch of %s failed (activate will retry): %s", name, err)
+                continue
+            self._land(read)
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"StackStore({self.directory}, {len(self.entries)} stacks, device={self.device}, "
+                f"resident={len(self._device_tier)} ({s.resident_bytes} B), attached={len(self._attached)})")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[StackEntry]:
+        return iter(self.entries.values())

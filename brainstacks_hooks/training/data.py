@@ -1,0 +1,77 @@
+"""Domain data for a run: load, decontaminate, encode with the one prompt format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.decontamination import decontaminate
+from ..data.formatting import encode_example
+from ..data.sources import load_domain_rows, load_eval_questions
+from ..utils.logging import get_logger
+from ..utils.seeding import seeded_sample_indices
+from .config import RunConfig
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class DomainExamples:
+    """Encoded train and validation examples of every domain, with the data report."""
+
+    train: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    val: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """Encode rows (completion-only labels); returns the examples and how many were too long."""
+    out, overlong = [], 0
+    for r in rows:
+        ex = encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_length)
+        if ex is None:
+            overlong += 1
+            continue
+        out.append({**ex, "id": r["id"]})
+    return out, overlong
+
+
+def prepare_run_data(config: RunConfig, tokenizer: Any) -> DomainExamples:
+    """Load every domain's train/val rows, decontaminate the train rows and encode both.
+
+    Local data (``data_dir`` or ``$BRAINSTACKS_DATA_DIR``) uses ``<domain>/val.jsonl`` for validation;
+    hub sources hold out a seeded ``val_samples`` subset, disjoint from training by row id.
+    """
+    train_rows, val_rows, report = {}, {}, {"domains": {}}
+    for dom in config.domains:
+        if dom.hf_sources:
+            rows, rep = load_domain_rows(dom.name, "train", hf_sources=dom.hf_sources, seed=config.seed)
+            val_idx = set(seeded_sample_indices(len(rows), dom.val_samples, config.seed + 1))
+            val_rows[dom.name] = [r for i, r in enumerate(rows) if i in val_idx]
+            rest = [r for i, r in enumerate(rows) if i not in val_idx]
+            train_rows[dom.name] = [rest[i] for i in seeded_sample_indices(len(rest), dom.train_samples, config.seed)]
+            rep_val = {"held_out_from": "train", "n": len(val_rows[dom.name])}
+            rep = rep.to_dict()
+        else:
+            train_rows[dom.name], rep_t = load_domain_rows(dom.name, "train", data_dir=config.data_dir,
+                                                           n=dom.train_samples, seed=config.seed)
+            val_rows[dom.name], rep_v = load_domain_rows(dom.name, "val", data_dir=config.data_dir,
+                                                         n=dom.val_samples, seed=config.seed)
+            rep, rep_val = rep_t.to_dict(), rep_v.to_dict()
+        report["domains"][dom.name] = {"train": rep, "val": rep_val}
+    eval_texts: list[str] = []
+    if config.eval_benchmarks:
+        eval_texts = load_eval_questions(config.data_dir, config.eval_benchmarks)
+    train_rows, decon = decontaminate(train_rows, eval_texts, config.decontamination)
+    report["decontamination"] = decon.to_dict()
+    out = DomainExamples(report=report)
+    for dom in config.domains:
+        out.train[dom.name], n_long_t = encode_rows(tokenizer, train_rows.get(dom.name, []), config.train.max_length)
+        out.val[dom.name], n_long_v = encode_rows(tokenizer, val_rows[dom.name], config.train.max_length)
+        report["domains"][dom.name]["encoded"] = {"train": len(out.train[dom.name]), "val": len(out.val[dom.name]),
+                                                  "overlong_train": n_long_t, "overlong_val": n_long_v}
+        if not out.train[dom.name] or not out.val[dom.name]:
+            from ..errors import DataError
+
+            raise DataError(f"domain {dom.name!r} has no usable train or validation examples after cleaning")
+    return out

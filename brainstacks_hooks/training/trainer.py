@@ -1,0 +1,101 @@
+"""``StackSFTTrainer``: TRL's ``SFTTrainer`` training the active stack, with the aux loss logged apart.
+
+The load-balance loss reaches the gradients inside the hooks (see
+:class:`~brainstacks_hooks.stacks.moe_lora.AuxLossInjector`), so it also works under reentrant gradient
+checkpointing; this trainer scales it for gradient accumulation and logs ``aux_loss`` next to the task
+``loss`` (the paper's "train loss 7.44" was their sum).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from ..data.formatting import CompletionCollator
+from ..stacks.brainstacks import BrainStacks
+from ..utils.logging import get_logger
+from .config import TrainArgs
+
+logger = get_logger(__name__)
+
+
+class StackSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose trainable parameters are the active stack of ``stacks``."""
+
+    def __init__(self, *args: Any, stacks: BrainStacks, **kwargs: Any) -> None:
+        self.stacks = stacks
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        self.stacks.aux_grad_scale = 1.0 / max(1, int(steps))  # the task loss is averaged over micro-batches too
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        metrics = getattr(self, "_metrics", None)
+        if model.training and isinstance(metrics, dict) and "train" in metrics:
+            metrics["train"]["aux_loss"].append(float(self.stacks.aux_loss()))
+        return out
+
+
+def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float | None = None,
+               max_steps: int | None = None) -> SFTConfig:
+    """The TRL config of one inner-loop round (evaluation is the callback's job, checkpoints are stacks)."""
+    use_cpu = args.use_cpu if args.use_cpu is not None else not torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=max_steps or args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=learning_rate or args.learning_rate,
+        warmup_steps=min(args.warmup_steps, max(0, (max_steps or args.max_steps) - 1)),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler_type=args.lr_scheduler_type,
+        adam_beta2=args.adam_beta2,
+        logging_steps=args.logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        bf16=args.bf16,
+        use_cpu=use_cpu,
+        gradient_checkpointing=args.gradient_checkpointing,
+        max_length=args.max_length,
+        seed=seed,
+        data_seed=seed,
+        packing=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def build_trainer(
+    stacks: BrainStacks,
+    tokenizer: Any,
+    train_examples: Sequence[dict[str, Any]],
+    config: SFTConfig,
+    callbacks: list | None = None,
+) -> StackSFTTrainer:
+    """Build the trainer of one round over pre-encoded examples (``input_ids``, ``attention_mask``, ``labels``)."""
+    dataset = Dataset.from_list([{k: ex[k] for k in ("input_ids", "attention_mask", "labels")} for ex in train_examples])
+    model = stacks.model
+    guard = contextlib.nullcontext()
+    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
+        from ..models.backend_bnb import allow_hook_adapter_training
+
+        guard = allow_hook_adapter_training(model)
+    with guard:
+        return StackSFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            data_collator=CompletionCollator(pad_token_id=tokenizer.pad_token_id),
+            callbacks=callbacks or [],
+            stacks=stacks,
+        )
