@@ -8,8 +8,8 @@ Measures, in one run:
    ``BrainStacks.load`` for context;
 2. attach time (``activate``) vs the number of stacks on disk (2, 10, 20, 35): route switches between
    cached stacks (attach/detach only) and a switch that loads one stack from disk;
-3. resident memory (process RSS and the store's ``resident_bytes``) with 2 vs 20 stacks on disk, each in
-   a fresh subprocess, after the same route and after cycling routes under a 2-stack budget.
+3. resident memory (process RSS and the store's ``resident_bytes``) with 2, 10, 20 and 35 stacks on disk,
+   each in a fresh subprocess, after the same route and after cycling routes under a 2-stack budget.
 
 Stacks are created by attaching to the model, ``new_stack`` + random B + ``freeze_active`` (paper defaults:
 4 experts, rank 16, all 7 projections, frozen in bfloat16), and saved once (reused on later runs).
@@ -170,15 +170,9 @@ def bench_attach(model, work: Path, full: Path, switches: int) -> list[dict]:
             t0 = time.perf_counter()
             store.activate(a)  # verified file, warm page cache: read + build + attach
             miss.append((time.perf_counter() - t0) * 1000)
-        with torch.no_grad():
-            ids = torch.randint(10, 1000, (1, 32))
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            fwd = (time.perf_counter() - t0) * 1000
         stacks.detach()
         out.append({"on_disk": n, "init_ms": init_ms, "switch_hit_ms": statistics.median(hit),
-                    "switch_hit_p90_ms": sorted(hit)[int(0.9 * len(hit))], "switch_miss_ms": statistics.median(miss),
-                    "forward_ms": fwd})
+                    "switch_hit_p90_ms": sorted(hit)[int(0.9 * len(hit))], "switch_miss_ms": statistics.median(miss)})
     return out
 
 
@@ -227,7 +221,7 @@ def rss_worker(directory: Path) -> dict:
 
 def bench_rss(work: Path, full: Path) -> list[dict]:
     out = []
-    for n in (2, 20):
+    for n in ON_DISK:
         d = subset(full, work, n)
         res = subprocess.run([sys.executable, __file__, "--rss-worker", str(d)], capture_output=True, text=True,
                              check=True)
@@ -266,14 +260,17 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     full = create_stacks(args.work_dir, max(ON_DISK))
     model = _model()
-    results: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    results: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                     "loadavg_start": os.getloadavg()}
     results["warm"] = bench_throughput(model, full, args.files, cold=False)
     cold_ok = not args.no_cold and drop_caches()
     results["cold"] = bench_throughput(model, full, min(3, args.files), cold=True) if cold_ok else None
     results["attach"] = bench_attach(model, args.work_dir, full, args.switches)
     results["rss"] = bench_rss(args.work_dir, full)
 
+    results["loadavg_end"] = os.getloadavg()
     print(f"\nmachine: {results['machine']}\ncommand: {results['command']}")
+    print(f"load average (1/5/15 min) at start {results['loadavg_start']}, at end {results['loadavg_end']}")
     print(f"\n### Load throughput (one stack file, {results['warm']['file_mb']:.1f} MB, bfloat16)\n")
     print("| page cache | path | ms | MB/s | vs raw read |\n|---|---|---:|---:|---:|")
     labels = {"raw": "raw `read()`", "first": "StackStore first load (sha256 verify)",
@@ -288,11 +285,11 @@ def main() -> None:
                 print(f"| {cache} | {label} | {r['seconds'][k] * 1000:.1f} | {r['mb_s'][k]:.0f} | "
                       f"{r['vs_raw'][k] * 100:.0f}% |")
     print("\n### activate() vs stacks on disk\n")
-    print("| stacks on disk | StackStore() ms | switch, cached (median / p90) ms | switch, 1 stack from disk ms | "
-          "forward 32 tok ms |\n|---:|---:|---:|---:|---:|")
+    print("| stacks on disk | StackStore() ms | switch, cached (median / p90) ms | switch, 1 stack from disk ms |"
+          "\n|---:|---:|---:|---:|")
     for r in results["attach"]:
         print(f"| {r['on_disk']} | {r['init_ms']:.1f} | {r['switch_hit_ms']:.2f} / {r['switch_hit_p90_ms']:.2f} | "
-              f"{r['switch_miss_ms']:.1f} | {r['forward_ms']:.0f} |")
+              f"{r['switch_miss_ms']:.1f} |")
     print("\n### Resident memory (fresh process each, budget = 2 stacks)\n")
     print("| stacks on disk | RSS model only MB | RSS after route MB | resident_bytes MB | RSS after cycling MB | "
           "peak RSS MB | peak resident MB | loads / evictions |\n|---:|---:|---:|---:|---:|---:|---:|---:|")

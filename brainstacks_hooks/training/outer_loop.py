@@ -181,6 +181,8 @@ def _record_forgetting(stacks: BrainStacks, config: RunConfig, data: DomainExamp
     manifest.save()
     atomic_write_json(run_dir / "forgetting.json", {"rows": manifest.data["forgetting"], "recorded": recorded,
                                                      "summary": summary})
+    if not any(r["losses"] for r in manifest.data["forgetting"]):
+        return  # no domain has accepted stacks yet: nothing to plot
     try:
         from ..evaluation.plots import plot_forgetting
 
