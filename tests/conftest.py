@@ -57,3 +57,24 @@ def smollm2():
     model, tok = load_base_model("smollm2-135m-instruct", dtype="float32")
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama saved with the real SmolLM2 tokenizer."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "training"))
+    from pipeline_utils import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tiny_model_dir, tmp_path_factory, data_dir):
+    """A finished tiny SFT run (chat, code) on the shared data, shared by several test modules."""
+    from pipeline_utils import tiny_run_config
+
+    from brainstacks_hooks.training.outer_loop import run_sft
+
+    return run_sft(tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("run") / "out"))

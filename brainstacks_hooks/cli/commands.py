@@ -35,7 +35,73 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Command] = [
-    Command("train", "SFT: inner and outer loop over the configured domains (resumes from output_dir)",
-            _train_args, _train),
+def _build_commands() -> list[Command]:
+    from . import inference_commands as inf
+
+    return [
+        Command("train", "SFT: inner and outer loop over the configured domains (resumes from output_dir)",
+                _train_args, _train),
+        Command("generate", "generate for prompts from a run (routed by default; --mode for comparisons)",
+                inf._generate_args, inf._generate),
+        Command("chat", "interactive routed chat on a run directory (shows each turn's route)",
+                inf._chat_args, inf._chat),
+    ]
+
+
+COMMANDS: list[Command] = _build_commands()
+
+
+def _router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="finished SFT run directory (manifest.json and stacks/)")
+    p.add_argument("--config", help="YAML router pipeline config (see recipes/configs/router_quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. router.epochs=4 mixed_pairs=16")
+
+
+def _router(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..router.pipeline import REPORT_FILE, RouterPipelineConfig, summary_table, train_router_for_run
+
+    config = load_config(RouterPipelineConfig, args.config, args.overrides)
+    result = train_router_for_run(args.run_dir, config)
+    print(summary_table(result.report))
+    print(f"\nrouter: {result.router_dir}   report: {result.router_dir / REPORT_FILE}")
+    return 0
+
+
+def _route_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory holding manifest.json and router/ (after `brainstacks router`)")
+    p.add_argument("prompt", help="the instruction to route")
+    p.add_argument("--input", default="", help="optional input text appended to the instruction")
+    p.add_argument("--json", action="store_true", help="print the route as JSON")
+
+
+def _route(args: argparse.Namespace) -> int:
+    import json
+
+    from ..router.gating import route_prompts
+    from ..router.pipeline import load_run_router
+
+    router, meta, model, tokenizer = load_run_router(args.run_dir)
+    (route,) = route_prompts(model, tokenizer, router, meta, [(args.prompt, args.input)], batch_size=1)
+    out = {"weights": route.weights, "scores": route.scores, "gated_on": route.gated_on, "gap": route.gap,
+           "gate_threshold": meta["gate_threshold"], "chat_floor": meta["chat_floor"],
+           "chat_domain": meta["chat_domain"], "timings_ms": route.timings}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'domain':<12} {'score':>7} {'weight':>7}  on")
+    for d, s in route.scores.items():
+        w = route.weights.get(d)
+        print(f"{d:<12} {s:>7.3f} {'-' if w is None else f'{w:.3f}':>7}  {'yes' if w is not None else ''}")
+    print(f"gated on: {', '.join(route.gated_on) or '(none)'}   gap: {route.gap} (every raw score <= "
+          f"{meta['gate_threshold']})   features {route.timings['features_ms']:.1f} ms, router "
+          f"{route.timings['router_ms']:.2f} ms")
+    return 0
+
+
+COMMANDS += [
+    Command("router", "train the meta-router of a finished SFT run (oracle, features, training, report)",
+            _router_args, _router),
+    Command("route", "route one prompt with a run's router: weights per domain, gated-on domains, gap flag",
+            _route_args, _route),
 ]

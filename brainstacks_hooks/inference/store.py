@@ -237,7 +237,8 @@ class StackStore:
         FingerprintMismatch: the stacks were trained on another base model.
         StackStateError: ``stacks`` already holds frozen stacks of the index's domains.
 
-    Not thread-safe: call it from one thread (prefetches run in a worker it owns).
+    Not thread-safe: call it from one thread (prefetches run in a worker it owns). Create the store
+    after the model is on its final device: stacks are placed on ``device`` when they are loaded.
     """
 
     def __init__(self, stacks: BrainStacks, directory: str | os.PathLike, budget_bytes: int | None = None,
@@ -252,7 +253,9 @@ class StackStore:
         self.host_budget_bytes = host_budget_bytes
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.device = torch.device(device) if device is not None else self._default_device()
-        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device} requested but CUDA is not available")
+        self._cuda = self.device.type == "cuda"
         if self.host_budget_bytes != 0 and self.device.type == "cpu":
             logger.info("host tier on a CPU device: stacks evicted from the device tier stay in the same RAM "
                         "(a larger budget_bytes is equivalent)")

@@ -373,16 +373,28 @@ def recovered_fraction(prefix: float, ungated: float, routed: float, eps: float 
     return (ungated - routed) / den
 
 
-def _example_nll(model: Any, example: Mapping[str, Any], pad: int, bf16: bool) -> tuple[float, int]:
-    from ..training.validation import completion_nll
+@torch.no_grad()
+def example_nll(model: Any, example: Mapping[str, Any], bf16: bool) -> tuple[float, int]:
+    """Summed completion NLL and completion-token count of one encoded example (no padding).
 
-    sums, counts = completion_nll(model, [example], pad, 1, bf16)
-    return float(sums[0]), int(counts[0])
+    The same quantity as :func:`~brainstacks_hooks.training.validation.completion_nll` for a batch of one
+    (fp32 cross-entropy of the autocast logits), computed only at labelled positions, which is much
+    cheaper for large vocabularies. Runs in the stacks' current mode.
+    """
+    from ..training.validation import autocast_context, eval_mode
+
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(list(example["input_ids"]), dtype=torch.long, device=device)[None]  # [1, L]
+    labels = torch.as_tensor(list(example["labels"]), dtype=torch.long, device=device)[1:]  # [L-1]
+    keep = labels != -100
+    with eval_mode(model), autocast_context(model, bf16):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits  # [1, L, V]
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1][keep].float(), labels[keep], reduction="sum")
+    return float(nll), int(keep.sum())
 
 
 def evaluate_val_losses(
     stacks: Any,
-    pad_token_id: int,
     val_examples: Mapping[str, Sequence[Mapping[str, Any]]],
     routes: Mapping[str, Sequence[Route]],
     bf16: bool,
@@ -392,7 +404,6 @@ def evaluate_val_losses(
 
     Args:
         stacks: The :class:`BrainStacks`.
-        pad_token_id: Padding token.
         val_examples: Encoded validation examples per domain (``input_ids``, ``labels``).
         routes: The route of each example, aligned with ``val_examples``.
         bf16: bf16 autocast.
@@ -423,7 +434,7 @@ def evaluate_val_losses(
                 else:
                     ctx = stacks.base_only()
                 with ctx:
-                    s, c = _example_nll(model, ex, pad_token_id, bf16)
+                    s, c = example_nll(model, ex, bf16)
                 sums[mode] += s
                 row[mode] = s / max(c, 1)
             n_tok += c
@@ -572,7 +583,6 @@ def train_router_for_run(
     missing = [d for d in manifest["domain_order"] if d not in domains]
     if missing:
         logger.warning("domains without accepted stacks are not routable: %s", missing)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bf16 = run_config.train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
     fingerprint = router_fingerprint(stacks.model, run_config.stack)
     recipe = rc.feature_recipe()
@@ -661,7 +671,7 @@ def train_router_for_run(
         pos += len(ps)
     enc = {d: [r["encoded"] for r in rows] for d, rows in val_sel.items()}
     t0 = time.perf_counter()
-    loss_table, per_example = evaluate_val_losses(stacks, pad, enc, routes, bf16, cfg.progress)
+    loss_table, per_example = evaluate_val_losses(stacks, enc, routes, bf16, cfg.progress)
     eval_s = time.perf_counter() - t0
     val_routes = [
         {"domain": d, "id": row["id"], "prompt": user_text(row["instruction"], row.get("input", "") or "")[:200],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_utils import make_tiny_model_dir, tiny_run_config
+from pipeline_utils import tiny_run_config
 
 from brainstacks_hooks.training.outer_loop import run_sft
 from brainstacks_hooks.training.validation import evaluate_loss
@@ -21,14 +21,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("models"))
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def finished_run(model_dir, tmp_path_factory, data_dir):
-    cfg = tiny_run_config(model_dir, tmp_path_factory.mktemp("run") / "out")
-    return run_sft(cfg)
+def finished_run(tiny_sft_run):
+    return tiny_sft_run
 
 
 def test_zero_forgetting_prefix_loss_reproduced_after_a_later_domain(finished_run):

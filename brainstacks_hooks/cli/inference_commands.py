@@ -1,0 +1,92 @@
+"""``brainstacks generate`` and ``brainstacks chat``: routed generation from a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (manifest.json, stacks/, router/)")
+    p.add_argument("--mode", default="routed", help="routed | ungated | base | prefix:DOMAIN | isolated:DOMAIN")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--budget-mb", type=float, default=None, help="device byte budget of the stack cache")
+
+
+def _settings(args: argparse.Namespace):
+    from ..inference.routed_model import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                              temperature=args.temperature, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty)
+
+
+def _load(args: argparse.Namespace):
+    from ..inference.routed_model import RoutedModel
+
+    budget = int(args.budget_mb * 2**20) if args.budget_mb else None
+    return RoutedModel.from_run(args.run_dir, budget_bytes=budget, require_router=args.mode == "routed")
+
+
+def route_line(explain) -> str:
+    """``route: chat=0.41 math=0.93 | stacks: chat/r0, math/r0 | loaded 1, cached 1 | 812 ms``."""
+    weights = " ".join(f"{d}={w:.2f}" for d, w in explain.weights.items()) or "(no stacks)"
+    gap = "  GAP: no domain claims this prompt" if explain.gap else ""
+    t = explain.timings
+    return (f"[{explain.mode}] route: {weights}{gap} | stacks: {', '.join(explain.stacks_used) or '-'} | "
+            f"loaded {len(explain.loaded)}, cached {len(explain.cache_hits)} | "
+            f"generate {t.get('generate_ms', 0):.0f} ms")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    for g in model.generate(args.prompt, mode=args.mode, settings=_settings(args)):
+        if args.json:
+            print(json.dumps({"prompt": g.prompt, "text": g.text, "explain": g.explain.to_dict()}))
+        else:
+            print(f"### {g.prompt}\n{route_line(g.explain)}\n{g.text}\n")
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ..errors import BrainstacksError
+    from ..inference.routed_model import Generation
+
+    model = _load(args)
+    settings = _settings(args)
+    print("brainstacks chat: one prompt per line; ':mode ungated' switches mode; ':quit' exits.", flush=True)
+    mode = args.mode
+    for line in sys.stdin:
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt in (":quit", ":q"):
+            break
+        if prompt.startswith(":mode "):
+            mode = prompt.split(None, 1)[1]
+            print(f"(mode: {mode})", flush=True)
+            continue
+        try:
+            for piece in model.stream(prompt, mode=mode, settings=settings):
+                if isinstance(piece, Generation):
+                    print(f"\n{route_line(piece.explain)}", flush=True)
+                else:
+                    print(piece, end="", flush=True)
+        except BrainstacksError as e:  # a corrupt stack file or bad mode: report it and keep serving
+            print(f"\nerror: {e}", flush=True)
+    return 0

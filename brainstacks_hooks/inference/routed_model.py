@@ -1,0 +1,216 @@
+"""``RoutedModel``: prompt -> shared formatting -> router -> load stacks -> generate (the Superposition LLM).
+
+Stacks stay on disk in a :class:`~brainstacks_hooks.inference.store.StackStore`; each prompt is routed
+with the meta-router (base-only features, chat floor, gate threshold) and only the gated-on domains'
+stacks are loaded and computed. Comparison modes (``ungated``, ``base``, ``prefix:DOMAIN``,
+``isolated:DOMAIN``) go through the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..constants import MANIFEST_FILE
+from ..data.formatting import format_prompt
+from ..errors import ConfigError
+from ..models.loading import load_base_model
+from ..router.gating import Route, route_prompts
+from ..router.serialization import load_router
+from ..stacks.brainstacks import BrainStacks
+from ..stacks.config import StackConfig
+from ..stacks.modes import Mode
+from ..utils.io import read_json
+from ..utils.logging import get_logger
+from .store import StackStore
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """The usual generation knobs (greedy by default)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class Explain:
+    """Why a prompt got its output: route, stacks used, cache behaviour, timings (ms)."""
+
+    mode: str
+    weights: dict[str, float]
+    scores: dict[str, float]
+    gated_on: list[str]
+    gap: bool
+    stacks_used: list[str]
+    cache_hits: list[str]
+    loaded: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One prompt's output and its explanation."""
+
+    prompt: str
+    text: str
+    explain: Explain
+    new_tokens: int = 0
+
+
+class RoutedModel:
+    """A base model, its stacks on disk, the meta-router and generation, in one object.
+
+    Build it with :meth:`from_run` on a run directory (``manifest.json``, ``stacks/``, ``router/``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, stacks: BrainStacks, store: StackStore,
+                 router: Any = None, router_meta: dict[str, Any] | None = None) -> None:
+        self.model, self.tokenizer, self.stacks, self.store = model, tokenizer, stacks, store
+        self.router, self.router_meta = router, router_meta
+        self.use_cache = getattr(model, "_brainstacks_backend", None) != "unsloth"  # Unsloth fast decode skips hooks
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, *, budget_bytes: int | None = None,
+                 model: Any = None, tokenizer: Any = None, require_router: bool = False) -> RoutedModel:
+        """Load the base model named in the run's manifest, a stack store on ``run_dir/stacks`` and the router."""
+        run_dir = Path(run_dir)
+        manifest = read_json(run_dir / MANIFEST_FILE)
+        cfg = manifest["config"]
+        if model is None:
+            m = cfg["model"]
+            model, tokenizer = load_base_model(m["name_or_path"], backend=m["backend"], dtype=m["dtype"],
+                                               revision=m.get("revision"), max_seq_length=m.get("max_seq_length", 2048))
+        model.eval()
+        stacks = BrainStacks.attach(model, StackConfig.from_dict(cfg["stack"]))
+        store = StackStore(stacks, run_dir / "stacks", budget_bytes=budget_bytes)
+        router = meta = None
+        if (run_dir / "router" / "router.json").is_file():
+            router, meta = load_router(run_dir / "router", expected_fingerprint=stacks.fingerprint_dict())
+        elif require_router:
+            raise ConfigError(f"{run_dir / 'router'}: no trained router; run `brainstacks router {run_dir}` first")
+        return cls(model, tokenizer, stacks, store, router, meta)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, prompts: Sequence[str]) -> list[Route]:
+        """Router decisions for raw instructions (chat floor and threshold as stored with the router)."""
+        if self.router is None:
+            raise ConfigError("this RoutedModel has no router; use mode='ungated' or train one")
+        return route_prompts(self.stacks, self.tokenizer, self.router, self.router_meta, list(prompts))
+
+    def _weights_for(self, mode: Mode) -> dict[str, float]:
+        domains = self.store.domains
+        if mode.kind == "base_only":
+            return {}
+        if mode.kind in ("ungated", "reference", "train"):
+            return dict.fromkeys(domains, 1.0)
+        if mode.kind == "prefix":
+            return dict.fromkeys(domains[: domains.index(mode.domain) + 1], 1.0)
+        if mode.kind == "isolated":
+            return {mode.domain: 1.0}
+        return dict(mode.weights or ())
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: str | Sequence[str], mode: str = "routed",
+                 settings: GenerationSettings | None = None, streamer: Any = None) -> list[Generation]:
+        """Generate for each prompt under ``mode`` (``routed``, ``ungated``, ``base``, ``prefix:D``, ``isolated:D``).
+
+        Prompts that share a route are generated together in one left-padded batch.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        settings = settings or GenerationSettings()
+        routes: list[Route | None]
+        if mode == "routed":
+            routes = list(self.route(prompts))
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(routes):
+                groups.setdefault(json.dumps(sorted(r.weights.items())), []).append(i)
+            plans = [(Mode.routed(routes[idx[0]].weights), idx) for idx in groups.values()]
+        else:
+            routes = [None] * len(prompts)
+            plans = [(Mode.parse(mode), list(range(len(prompts))))]
+        out: list[Generation | None] = [None] * len(prompts)
+        for m, idx in plans:
+            t0 = time.perf_counter()
+            report = self.store.activate(self._weights_for(m), set_mode=False)
+            load_ms = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            with self.stacks.using(m if m.kind != "routed" else report.mode):
+                texts, n_new = self._generate_batch([prompts[i] for i in idx], settings, streamer)
+            gen_ms = (time.perf_counter() - t1) * 1000
+            for j, i in enumerate(idx):
+                r = routes[i]
+                explain = Explain(
+                    mode=m.describe(), weights=dict(r.weights) if r else report.weights,
+                    scores=dict(r.scores) if r else {}, gated_on=list(r.gated_on) if r else sorted(report.weights),
+                    gap=bool(r.gap) if r else False, stacks_used=list(report.attached),
+                    cache_hits=list(report.hits), loaded=list(report.loaded),
+                    timings={**({k: round(v, 2) for k, v in r.timings.items()} if r else {}),
+                             "load_ms": round(load_ms, 2), "generate_ms": round(gen_ms, 2)})
+                out[i] = Generation(prompts[i], texts[j], explain, n_new[j])
+        return [g for g in out if g is not None]
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[str], s: GenerationSettings, streamer: Any) -> tuple[list[str], list[int]]:
+        tok = self.tokenizer
+        texts = [format_prompt(tok, p) for p in prompts]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        kwargs: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                                      repetition_penalty=s.repetition_penalty, pad_token_id=tok.pad_token_id,
+                                      use_cache=self.use_cache)
+        if s.do_sample:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        ids = self.model.generate(**enc, **kwargs)
+        new = ids[:, enc["input_ids"].shape[1]:]
+        eos = {tok.eos_token_id, tok.pad_token_id}
+        n_new = [int(sum(1 for t in row.tolist() if t not in eos)) for row in new]
+        return tok.batch_decode(new, skip_special_tokens=True), n_new
+
+    def stream(self, prompt: str, mode: str = "routed", settings: GenerationSettings | None = None
+               ) -> Iterator[str | Generation]:
+        """Yield text pieces as they are generated, then the finished :class:`Generation`."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: list[Generation] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.extend(self.generate(prompt, mode, settings, streamer))
+            except BaseException as e:  # re-raised in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+        yield result[0]
