@@ -64,7 +64,34 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": str(torch.get_num_threads()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
+    }
+
+
+def macs_per_token(model: torch.nn.Module, seq: int, num_experts: int = 4, rank: int = 16,
+                   lora_rank: int = 64) -> dict[str, float]:
+    """Multiply-accumulates per token (forward): base model, one MoE-LoRA stack, one LoRA of ``lora_rank``.
+
+    Base: the 7 projections of every layer, causal attention (QK^T and AV over seq/2 keys on average) and
+    the LM head. MoE-LoRA (eval): ``x @ [A; router]^T`` then the gated rank-(E*r) B matmul; training adds the
+    noise rows. Dense compute: the E-K unused experts are multiplied by a zero gate, not skipped.
+    """
+    from brainstacks_hooks.constants import DEFAULT_TARGET_MODULES
+    from brainstacks_hooks.models.targets import find_target_modules, projection_features
+
+    shapes = [projection_features(m) for m in find_target_modules(model, DEFAULT_TARGET_MODULES).values()]
+    cfg = model.config
+    proj = sum(i * o for i, o in shapes)
+    attn = cfg.num_hidden_layers * cfg.hidden_size * seq  # 2 matmuls x hidden x seq/2 keys, per layer
+    head = cfg.hidden_size * cfg.vocab_size
+    E, r = num_experts, rank
+    return {
+        "base": proj + attn + head,
+        "projections": proj,
+        "stack_eval": sum((E * r + E) * i + E * r * o for i, o in shapes),
+        "stack_train": sum((E * r + 2 * E) * i + E * r * o for i, o in shapes),
+        "lora": sum(lora_rank * (i + o) for i, o in shapes),
     }
 
 

@@ -28,9 +28,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleaved, load_model, make_batch, print_header, ratio_stats, table  # noqa: E402
+from _common import (
+    interleaved,
+    load_model,
+    macs_per_token,
+    make_batch,
+    print_header,
+    ratio_stats,
+    table,
+)
 
-from brainstacks_hooks import BrainStacks, StackConfig  # noqa: E402
+from brainstacks_hooks import BrainStacks, StackConfig
 
 TARGET_N, TARGET = 5, 1.5
 DTYPES = ("fp32", "bf16")
@@ -69,7 +77,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 (float32) and bf16 (bf16 autocast)")
     p.add_argument("--no-bf16-stacks", action="store_true", help="skip the frozen_dtype=bfloat16 variants")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="CI-sized: batch 1 x 32 tokens, counts 2,5, 1 step, 2 repetitions")
+    p.add_argument("--quick", action="store_true", help="CI-sized: batch 1 x 32 tokens, counts 2,5, 1 step, 2 repeats")
     args = p.parse_args()
     if args.quick:
         args.batch, args.seq, args.counts, args.steps, args.repeats = 1, 32, "2,5", 1, 2
@@ -84,6 +92,11 @@ def main() -> None:
     base, _ = load_model()
     batch = make_batch(base.config.vocab_size, args.batch, args.seq)
     batch.pop("labels")
+    macs = macs_per_token(base, args.seq)
+    share = macs["stack_eval"] / macs["base"]
+    print(f"multiply-accumulates per token: base {macs['base'] / 1e6:.1f}M "
+          f"(projections {macs['projections'] / 1e6:.1f}M), "
+          f"one frozen stack {macs['stack_eval'] / 1e6:.1f}M = {100 * share:.1f}% of the base")
     models: dict[str, tuple[torch.nn.Module, BrainStacks | None, bool]] = {"base": (base, None, True)}
     models["hooks, 0 stacks"] = (*with_frozen_stacks(base, 0, "auto"), True)
     for n in counts:
@@ -123,10 +136,12 @@ def main() -> None:
         for name in models:
             key = f"{name} [{dt}]"
             med, lo, hi, of_min = ratio_stats(times, key, f"base [{dt}]")
+            n = int(name.split()[0]) if name[0].isdigit() else 0
             rows.append([name, f"{statistics.median(times[key]):.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})",
-                         f"{of_min:.3f}x"])
+                         f"{of_min:.3f}x", f"{1 + n * share:.2f}x"])
         print(f"\nForward of {args.batch} x {args.seq} tokens, {dt}:\n")
-        print(table(rows, ["variant", "s (median)", "vs base: median ratio (min-max)", "ratio of min times"]))
+        print(table(rows, ["variant", "s (median)", "vs base: median ratio (min-max)", "ratio of min times",
+                           "MAC ratio"]))
         for n in counts:
             med, *_ = ratio_stats(times, f"{n} grouped [{dt}]", f"{n} per-stack [{dt}]")
             verdicts.append(f"{dt}: {n} stacks grouped / per-stack = {med:.3f}x")

@@ -23,10 +23,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
+from _common import (
     emit_child_result,
     interleaved,
     load_model,
+    macs_per_token,
     make_batch,
     memory_probe,
     print_header,
@@ -35,8 +36,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from brainstacks_hooks import BrainStacks, StackConfig  # noqa: E402
-from brainstacks_hooks.constants import DEFAULT_TARGET_MODULES  # noqa: E402
+from brainstacks_hooks import BrainStacks, StackConfig
+from brainstacks_hooks.constants import DEFAULT_TARGET_MODULES
 
 TIME_TARGET = 1.3
 MEMORY_TARGET = 1.2
@@ -111,6 +112,12 @@ def main() -> None:
     print_header("MoE-LoRA stack vs PEFT LoRA r=64: training step", args)
     base, _ = load_model()
     batch = make_batch(base.config.vocab_size, args.batch, args.seq)
+    macs = macs_per_token(base, args.seq)
+    # step ~ base forward + input-gradient backward (2x base) + adapter forward, input and weight grads (3x)
+    est = (2 * macs["base"] + 3 * macs["stack_train"]) / (2 * macs["base"] + 3 * macs["lora"])
+    print(f"multiply-accumulates per token (forward): base {macs['base'] / 1e6:.1f}M, MoE-LoRA "
+          f"{macs['stack_train'] / 1e6:.2f}M, LoRA r64 {macs['lora'] / 1e6:.2f}M; "
+          f"MAC estimate of the step ratio {est:.3f}x")
     models = {kind: build_variant(copy.deepcopy(base), kind) for kind in ("moe", "lora")}
     del base
     n_params = {kind: sum(p.numel() for p in params) for kind, (_, params) in models.items()}
@@ -118,7 +125,7 @@ def main() -> None:
           f"(ratio {n_params['moe'] / n_params['lora']:.3f})")
 
     steps = {f"{kind}_{dt}": make_step(m, params, batch, dt) for dt in dtypes for kind, (m, params) in models.items()}
-    for name, step in steps.items():  # warm-up outside the timed repetitions (allocator, AdamW state)
+    for step in steps.values():  # warm-up outside the timed repetitions (allocator, AdamW state)
         for _ in range(args.warmup):
             step()
     print(f"timing: {args.repeats} repetitions x {args.steps} steps per variant, interleaved")
@@ -127,9 +134,10 @@ def main() -> None:
     rows, verdicts = [], []
     for dt in dtypes:
         med, lo, hi, of_min = ratio_stats(times, f"moe_{dt}", f"lora_{dt}")
-        rows.append([dt, f"{statistics.median(times[f'moe_{dt}']):.3f}", f"{statistics.median(times[f'lora_{dt}']):.3f}",
-                     f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})", f"{of_min:.3f}x"])
-        verdicts.append(f"step time {dt}: {med:.3f}x (target <= {TIME_TARGET}x: {'met' if med <= TIME_TARGET else 'MISSED'})")
+        t_moe, t_lora = statistics.median(times[f"moe_{dt}"]), statistics.median(times[f"lora_{dt}"])
+        rows.append([dt, f"{t_moe:.3f}", f"{t_lora:.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})", f"{of_min:.3f}x"])
+        verdicts.append(f"step time {dt}: {med:.3f}x (target <= {TIME_TARGET}x: "
+                        f"{'met' if med <= TIME_TARGET else 'MISSED'})")
     print("\n" + table(rows, ["dtype", "MoE-LoRA step s (median)", "LoRA step s (median)",
                              "median ratio (min-max)", "ratio of min times"]))
 

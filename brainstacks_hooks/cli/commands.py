@@ -45,16 +45,36 @@ def _build_commands() -> list[Command]:
                 inf._generate_args, inf._generate),
         Command("chat", "interactive routed chat on a run directory (shows each turn's route)",
                 inf._chat_args, inf._chat),
+        Command("quickstart", "the whole pipeline on the embedded SmolLM2: SFT -> router -> routed generation",
+                inf._quickstart_args, inf._quickstart),
     ]
 
 
 COMMANDS: list[Command] = _build_commands()
 
 
+def _allow_intermixed(p: argparse.ArgumentParser) -> None:
+    """Let positionals follow options in this subparser (``RUN_DIR --config YAML key=value``).
+
+    Plain argparse matches ``overrides`` (``nargs="*"``) as empty before ``--config`` and then rejects the
+    overrides after it; :meth:`argparse.ArgumentParser.parse_known_intermixed_args` parses them in any order.
+    """
+
+    def parse_known_args(args=None, namespace=None):
+        del p.parse_known_args  # the intermixed parser calls the class's parse_known_args itself
+        try:
+            return p.parse_known_intermixed_args(args, namespace)
+        finally:
+            p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
 def _router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="finished SFT run directory (manifest.json and stacks/)")
     p.add_argument("--config", help="YAML router pipeline config (see recipes/configs/router_quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. router.epochs=4 mixed_pairs=16")
+    _allow_intermixed(p)
 
 
 def _router(args: argparse.Namespace) -> int:

@@ -90,3 +90,16 @@ def _chat(args: argparse.Namespace) -> int:
         except BrainstacksError as e:  # a corrupt stack file or bad mode: report it and keep serving
             print(f"\nerror: {e}", flush=True)
     return 0
+
+
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true", help="smaller config: a few-minute look")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the SFT config, e.g. output_dir=runs/qs2")
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from ..quickstart import run_quickstart
+
+    run_quickstart(fast=args.fast, overrides=args.overrides, max_new_tokens=args.max_new_tokens)
+    return 0

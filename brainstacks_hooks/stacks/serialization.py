@@ -130,17 +130,16 @@ def load_stack(
     dtype = getattr(torch, meta["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise StackLoadError(f"{path}: unknown dtype {meta['dtype']!r} in metadata")
-    cfg = config
-    stack = Stack(shapes, cfg, domain=meta["domain"], round_index=meta["round"], dtype=dtype, device=device)
+    # Build on the meta device (no random init, no copies), then adopt the loaded tensors as parameters.
+    stack = Stack(shapes, config, domain=meta["domain"], round_index=meta["round"], dtype=dtype, device="meta")
     for key, module in stack.items():
         for name in _PARAM_NAMES:
             t = tensors[f"{key}.{name}"]
-            p = getattr(module, name)
-            if tuple(t.shape) != tuple(p.shape):
-                raise StackLoadError(f"{path}: {key}.{name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            expected_shape = tuple(getattr(module, name).shape)
+            if tuple(t.shape) != expected_shape:
+                raise StackLoadError(f"{path}: {key}.{name} has shape {tuple(t.shape)}, expected {expected_shape}")
             if t.dtype != dtype:
                 raise StackLoadError(f"{path}: {key}.{name} has dtype {t.dtype}, metadata says {dtype}")
-            with torch.no_grad():
-                p.copy_(t)
-    stack.freeze(dtype)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    stack.freeze(dtype, device=device)
     return stack

@@ -1,0 +1,120 @@
+"""The quickstart pipeline: SFT on 3 domains -> meta-router -> routed generation, on the embedded SmolLM2.
+
+``brainstacks quickstart`` (or ``make quickstart``) runs it end to end from ``BRAINSTACKS_DATA_DIR``;
+``--fast`` uses a smaller config for a few-minute look. Each phase's wall time is recorded in
+``<output_dir>/quickstart.json`` next to the generations of the paper's five sample prompts in base,
+ungated and routed modes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import load_config
+from .errors import ConfigError
+from .utils.io import atomic_write_json
+from .utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+#: The paper's five sample prompts (sections 4.3 and 5.3).
+PAPER_PROMPTS = (
+    "Explain how a neural network learns, in simple terms.",
+    "Write a Python function that reverses a string.",
+    "What are the common symptoms of type 2 diabetes?",
+    "A train travels 120 km in 2 hours. What is its average speed in km/h?",
+    "A patient must take 500 mg of a medicine per day, split into 3 equal doses. How many mg is each dose?",
+)
+MODES = ("base", "ungated", "routed")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+@dataclass
+class QuickstartResult:
+    """Outputs and timings of one quickstart run."""
+
+    run_dir: Path
+    timings_s: dict[str, float] = field(default_factory=dict)
+    generations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    router_report: dict[str, Any] = field(default_factory=dict)
+
+
+def quickstart_configs(fast: bool) -> tuple[Path, Path]:
+    """Paths of the SFT and router YAML configs of the quickstart."""
+    name = "quickstart_fast" if fast else "quickstart_cpu"
+    sft, router = CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / "router_quickstart.yaml"
+    if not sft.is_file() or not router.is_file():
+        raise ConfigError(f"quickstart configs not found in {CONFIG_DIR}; run from a clone of the repository")
+    return sft, router
+
+
+def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_new_tokens: int = 48,
+                   echo: Any = print) -> QuickstartResult:
+    """Run the whole pipeline and return what it produced (``echo`` prints the human-readable parts)."""
+    from .inference.routed_model import GenerationSettings, RoutedModel
+    from .router.pipeline import RouterPipelineConfig, train_router_for_run
+    from .training.config import RunConfig
+    from .training.outer_loop import run_sft, summary_table
+
+    t_all = time.perf_counter()
+    sft_path, router_path = quickstart_configs(fast)
+    config = load_config(RunConfig, sft_path, overrides)
+    result = QuickstartResult(Path(config.output_dir))
+
+    t = time.perf_counter()
+    run = run_sft(config)
+    result.timings_s["sft"] = time.perf_counter() - t
+    echo("\n== SFT ==\n" + summary_table(run.manifest))
+
+    t = time.perf_counter()
+    router_cfg = load_config(RouterPipelineConfig, router_path, [f"run_dir={run.run_dir}"]
+                             + (["samples_per_domain=24", "router.epochs=6"] if fast else []))
+    routed = train_router_for_run(run.run_dir, router_cfg, model=run.stacks.model, tokenizer=run.tokenizer,
+                                  stacks=run.stacks)
+    result.timings_s["router"] = time.perf_counter() - t
+    result.router_report = routed.report
+    echo("\n== Router ==\n" + router_summary(routed.report))
+
+    t = time.perf_counter()
+    model, tok = run.stacks.model, run.tokenizer
+    run.stacks.detach()  # the RoutedModel attaches its own hooks and loads stacks from disk on demand
+    rm = RoutedModel.from_run(run.run_dir, model=model, tokenizer=tok, require_router=True)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    for mode in MODES:
+        gens = rm.generate(list(PAPER_PROMPTS), mode=mode, settings=settings)
+        result.generations[mode] = [{"prompt": g.prompt, "text": g.text, "explain": g.explain.to_dict()}
+                                    for g in gens]
+    result.timings_s["generation"] = time.perf_counter() - t
+    echo("\n== Generation (greedy, %d new tokens) ==" % max_new_tokens)
+    for i, prompt in enumerate(PAPER_PROMPTS):
+        route = result.generations["routed"][i]["explain"]
+        weights = ", ".join(f"{d}={w:.2f}" for d, w in route["weights"].items()) or "none"
+        echo(f"\n### {prompt}\nroute: {weights}{'  (gap)' if route['gap'] else ''}")
+        for mode in MODES:
+            text = " ".join(result.generations[mode][i]["text"].split())
+            echo(f"  [{mode:>7}] {text[:200]}")
+    result.timings_s["total"] = time.perf_counter() - t_all
+    echo("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.timings_s.items()))
+    atomic_write_json(result.run_dir / "quickstart.json",
+                      {"timings_s": result.timings_s, "generations": result.generations, "fast": fast})
+    return result
+
+
+def router_summary(report: dict[str, Any]) -> str:
+    """A few lines from the router report: accuracy, mixed-set match, per-mode validation losses."""
+    lines = []
+    metrics = report.get("metrics") or report.get("validation") or {}
+    for key in ("single_top1", "mixed_set", "val_bce"):
+        if key in metrics:
+            lines.append(f"{key}: {metrics[key]:.3f}")
+    losses = report.get("val_losses") or {}
+    if losses:
+        lines.append(f"{'domain':<10} " + " ".join(f"{m:>9}" for m in ("prefix", "ungated", "routed")))
+        for d, row in losses.items():
+            if isinstance(row, dict):
+                lines.append(f"{d:<10} " + " ".join(f"{row.get(m, float('nan')):>9.4f}"
+                                                     for m in ("prefix", "ungated", "routed")))
+    return "\n".join(lines) or "(see router/report.json)"
