@@ -268,8 +268,7 @@ class StackStore:
         if clash:
             raise StackStateError(f"stacks already holds frozen stacks of store domains {clash}; "
                                   "attach the store to a BrainStacks without them")
-        stacks.domain_order = self.domain_order + [d for d in stacks.domain_order if d not in self._by_domain]
-        stacks._invalidate()
+        stacks.set_domain_order(self.domain_order)
         self._device_tier: OrderedDict[str, _Cached] = OrderedDict()  # least recently used first
         self._host_tier: OrderedDict[str, _Cached] = OrderedDict()
         self._attached: list[str] = []

@@ -26,10 +26,10 @@ deterministically: pair ``k`` takes the ``k``-th domain pair of ``itertools.comb
 ``random.Random(seed)`` from the same side (train rows for training, validation rows for validation), and
 joins them: the instruction is ``user_text(a) + "\\n\\n" + user_text(b)`` and the answer is
 ``output(a) + "\\n\\n" + output(b)``. Its label is both domains. Pairs whose joined prompt is longer than
-the router's ``seq_len`` tokens are redrawn (the router would not see the first part); duplicates are
-dropped. Nothing more clever is done: these prompts are a proxy for genuinely multi-domain requests, and
-their oracle targets (which stacks actually lower the loss of the concatenated answer) may well differ
-from the label.
+the router's ``seq_len`` tokens (or than ``oracle_max_length - 16``, leaving the oracle room for the
+answer) are redrawn, since the router would not see the first part; duplicates are dropped. Nothing more
+clever is done: these prompts are a proxy for genuinely multi-domain requests, and their oracle targets
+(which stacks actually lower the loss of the concatenated answer) may well differ from the label.
 
 **Oracle and training.** The outcome oracle (:func:`~.oracle.run_oracle_on_stacks`; exhaustive search for
 up to ``exhaustive_max_domains`` domains) scores every example, training and validation, with its disk
@@ -119,6 +119,9 @@ class RouterPipelineConfig:
         seed: Seed of the row samples and of the mixed pairs.
         device: Router training device (``None``: the base model's device).
         progress: Show tqdm bars.
+
+    Batch sizes are the router's (``router.oracle_batch_size``, ``router.feature_batch_size`` and
+    ``router.batch_size`` for training); the loss table runs one example at a time (see the module docstring).
     """
 
     run_dir: str = "runs/quickstart"
@@ -341,6 +344,69 @@ def _single_example(domain: str, row: Mapping[str, Any]) -> OracleExample:
 
 def _prompt_of(e: OracleExample) -> str:
     return user_text(e.instruction, e.input)
+
+
+@dataclass
+class RouterExamples:
+    """The router's examples, split by prompt (see the module docstring).
+
+    Attributes:
+        train: Training oracle examples (single-domain, then mixed).
+        val: Validation oracle examples (single-domain, then mixed).
+        val_rows: The validation rows per domain (with their ``"encoded"`` SFT example) for the loss table.
+        info: Counts for the report.
+    """
+
+    train: list[OracleExample]
+    val: list[OracleExample]
+    val_rows: dict[str, list[dict[str, Any]]]
+    info: dict[str, Any]
+
+
+def build_router_examples(
+    cfg: RouterPipelineConfig,
+    domains: Sequence[str],
+    train_rows: Mapping[str, Sequence[dict[str, Any]]],
+    val_rows: Mapping[str, Sequence[dict[str, Any]]],
+    tokenizer: Any = None,
+) -> RouterExamples:
+    """Sample single-domain rows, build mixed prompts and keep every validation prompt out of training.
+
+    Raises:
+        DataError: a prompt ended up on both sides (a guard; unreachable by construction).
+    """
+    rc = cfg.router
+    val_sel = {d: [val_rows[d][i] for i in seeded_sample_indices(len(val_rows[d]), cfg.val_samples_per_domain,
+                                                                 cfg.seed + 1)]
+               for d in domains if d in val_rows}
+    val_keys = {_row_key(r) for rows in val_sel.values() for r in rows}
+    n_overlap = 0
+    train_pool: dict[str, list[dict[str, Any]]] = {}
+    for d in domains:
+        rows = [r for r in train_rows.get(d, []) if _row_key(r) not in val_keys]
+        n_overlap += len(train_rows.get(d, [])) - len(rows)
+        train_pool[d] = rows
+    if n_overlap:
+        logger.info("dropped %d train rows whose prompt is also a validation prompt", n_overlap)
+    train_single = [_single_example(d, rows[i]) for d, rows in train_pool.items()
+                    for i in seeded_sample_indices(len(rows), cfg.train_samples, cfg.seed)]
+    val_single = [_single_example(d, r) for d, rows in val_sel.items() for r in rows]
+    # a mixed prompt must fit the router's window and leave the oracle room for 16 answer tokens
+    max_mixed = max(1, min(rc.seq_len, rc.oracle_max_length - 16))
+    train_mixed = build_mixed_examples(train_pool, cfg.mixed_pairs, cfg.seed, tokenizer, max_mixed)
+    val_mixed = build_mixed_examples(val_sel, cfg.val_mixed_pairs, cfg.seed + 1, tokenizer, max_mixed)
+    train, val = train_single + train_mixed, val_single + val_mixed
+    both = {prompt_key(_prompt_of(e)) for e in train} & {prompt_key(_prompt_of(e)) for e in val}
+    if both:
+        raise DataError(f"{len(both)} prompts on both sides of the router split")
+    info = {
+        "oracle_train_single": dict(Counter(e.domain for e in train_single)),
+        "oracle_train_mixed": len(train_mixed),
+        "val_single": {d: len(rows) for d, rows in val_sel.items()},
+        "val_mixed": len(val_mixed),
+        "train_rows_dropped_as_val_prompts": n_overlap,
+    }
+    return RouterExamples(train, val, val_sel, info)
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -589,27 +655,9 @@ def train_router_for_run(
 
     # ---- rows and examples
     train_rows, val_rows, _ = load_run_rows(run_config, tokenizer)
-    val_sel = {d: [rows[i] for i in seeded_sample_indices(len(rows), cfg.val_samples_per_domain, cfg.seed + 1)]
-               for d, rows in val_rows.items() if d in domains}
-    val_keys = {_row_key(r) for rows in val_sel.values() for r in rows}
-    n_overlap = 0
-    train_pool: dict[str, list[dict[str, Any]]] = {}
-    for d in domains:
-        rows = [r for r in train_rows.get(d, []) if _row_key(r) not in val_keys]
-        n_overlap += len(train_rows.get(d, [])) - len(rows)
-        train_pool[d] = rows
-    if n_overlap:
-        logger.info("dropped %d train rows whose prompt is also a validation prompt", n_overlap)
-    train_single = [_single_example(d, rows[i]) for d, rows in train_pool.items()
-                    for i in seeded_sample_indices(len(rows), cfg.train_samples, cfg.seed)]
-    val_single = [_single_example(d, r) for d, rows in val_sel.items() for r in rows]
-    train_mixed = build_mixed_examples(train_pool, cfg.mixed_pairs, cfg.seed, tokenizer, rc.seq_len)
-    val_mixed = build_mixed_examples(val_sel, cfg.val_mixed_pairs, cfg.seed + 1, tokenizer, rc.seq_len)
-    train_examples, val_examples = train_single + train_mixed, val_single + val_mixed
-    train_keys = {prompt_key(_prompt_of(e)) for e in train_examples}
+    ex = build_router_examples(cfg, domains, train_rows, val_rows, tokenizer)
+    train_examples, val_examples, val_sel = ex.train, ex.val, ex.val_rows
     val_keys_all = {prompt_key(_prompt_of(e)) for e in val_examples}
-    if train_keys & val_keys_all:  # unreachable by construction; a guard against future edits
-        raise DataError(f"{len(train_keys & val_keys_all)} prompts on both sides of the router split")
 
     # ---- oracle
     t0 = time.perf_counter()
@@ -681,7 +729,9 @@ def train_router_for_run(
     ]
 
     # ---- timing
-    timing_prompts = flat_eval[: cfg.timing_prompts]
+    # round-robin over domains, so every domain's prompts are timed
+    interleaved = [p for group in itertools.zip_longest(*eval_prompts.values()) for p in group if p is not None]
+    timing_prompts = interleaved[: cfg.timing_prompts]
     timing = measure_timing(stacks, tokenizer, router, meta, timing_prompts, cfg.generation_prompts,
                             cfg.generation_tokens)
     timing.update({"oracle_s": oracle_s, "features_s": features_s, "router_train_s": train_s, "loss_eval_s": eval_s,
@@ -695,12 +745,8 @@ def train_router_for_run(
         "domains": domains,
         "config": cfg.to_dict(),
         "data": {
-            "oracle_train_single": dict(Counter(e.domain for e in train_single)),
-            "oracle_train_mixed": len(train_mixed),
-            "val_single": {d: len(rows) for d, rows in val_sel.items()},
-            "val_mixed": len(val_mixed),
+            **ex.info,
             "oracle_skipped": len(oracle.skipped),
-            "train_rows_dropped_as_val_prompts": n_overlap,
             "merged_duplicate_prompts": n_conflicts,
             "router_rows": {"train": len(train_idx), "val": len(val_idx)},
             "prompt_overlap": len({prompt_key(p) for p in data.subset(train_idx).prompts}
@@ -716,7 +762,7 @@ def train_router_for_run(
         "cross_domain_mixed": mixed_analysis,
         "cross_domain_plot": PLOT_FILE if singles else None,
         "val_routes_summary": {d: _route_summary(rs, domains) for d, rs in routes.items()},
-        "losses": loss_table,
+        "val_losses": loss_table,
         "losses_bf16": bf16,
         "manifest_prefix_loss": {d: manifest["domains"][d].get("final_prefix_loss") for d in domains},
         "timing": timing,
@@ -787,7 +833,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
         f"{'excl.own':>8}  oracle top routes",
     ]
     cross = report["cross_domain"].get("per_domain", {})
-    for d, row in report["losses"].items():
+    for d, row in report["val_losses"].items():
         c = cross.get(d, {})
         routes = ", ".join(f"{k} {n}" for k, n in c.get("top_routes", [])[:3])
         lines.append(f"{d:<10} {_fmt(row['prefix']):>8} {_fmt(row['ungated']):>8} {_fmt(row['routed']):>8} "

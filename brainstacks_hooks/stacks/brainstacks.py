@@ -105,6 +105,8 @@ class BrainStacks:
         self._track = False
         self.aux_grad_scale = 1.0
         self.check_bypass = True
+        #: grouped frozen-stack weights kept per projection (raise it when cycling through many routes)
+        self.group_cache_size = 2
         self._handles: list[Any] = []
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
 
@@ -226,6 +228,9 @@ class BrainStacks:
         if not idx:
             raise StackStateError("stack is not attached")
         del self.container.frozen[idx[0]]
+        for cache in self._groups.values():  # drop grouped copies that still reference the stack
+            for uids in [u for u in cache if stack.uid in u]:
+                del cache[uids]
         self._invalidate()
 
     def _append_frozen(self, stack: Stack) -> None:
@@ -337,6 +342,15 @@ class BrainStacks:
         self.null_space_bases[domain] = {k: v.detach().float().cpu() for k, v in bases.items()}
         self._merge_null_space()
 
+    def set_domain_order(self, order: list[str]) -> None:
+        """Declare the training order of domains (used by ``prefix``); unknown attached domains go last."""
+        self.domain_order = list(order) + [d for d in self.domain_order if d not in order]
+        self._invalidate()
+
+    def merge_null_space(self) -> None:
+        """Re-merge :attr:`null_space_bases` of every domain into the bases the active stack is projected on."""
+        self._merge_null_space()
+
     def _merge_null_space(self) -> None:
         merged = {}
         for key in self.keys:
@@ -415,7 +429,7 @@ class BrainStacks:
         if group is None or group.w_in.device != device:
             group = FrozenGroup([s.module_for(key) for s in plan.frozen], device=device)
             cache[plan.uids] = group
-            while len(cache) > 2:  # keep the training set and one evaluation set per projection
+            while len(cache) > self.group_cache_size:  # default: the training set and one evaluation set
                 cache.popitem(last=False)
         else:
             cache.move_to_end(plan.uids)

@@ -72,7 +72,7 @@ def _restore_from_manifest(stacks: BrainStacks, manifest: Manifest, run_dir: Pat
             stacks.add_frozen(load_stack(path, stacks.shapes, stacks.fingerprint, stacks.config,
                                          expected_sha256=r["sha256"]))
     if stacks.null_space_bases:
-        stacks._merge_null_space()
+        stacks.merge_null_space()
 
 
 def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None) -> SFTRun:
@@ -164,7 +164,7 @@ def _ensure_null_space(stacks: BrainStacks, config: RunConfig, data: DomainExamp
                              "directions": {k: int(v.shape[1]) for k, v in list(bases.items())[:7]}}
         manifest.save()
         stacks.null_space_bases[prev.name] = bases
-    stacks._merge_null_space()
+    stacks.merge_null_space()
     manifest.data["null_space_capacity"] = {k: round(v, 4) for k, v in stacks.null_space_capacity().items()}
     manifest.save()
 

@@ -70,7 +70,7 @@ def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=False,
     )
 
 

@@ -175,3 +175,17 @@ def test_bypass_guard_quiet_when_hooks_fire():
     stacks = BrainStacks.attach(model, StackConfig(target_modules=("q_proj",), rank=2))
     stacks.new_stack("a")
     model(torch.randn(3, 8))
+
+
+def test_expert_utilisation_statistics(tiny_llama, tiny_batch):
+    stacks = BrainStacks.attach(tiny_llama)
+    add_domain(stacks, "a", 1)
+    stacks.new_stack("b")
+    with stacks.track_expert_utilization() as usage:
+        logits(tiny_llama, tiny_batch)
+    assert set(usage) == {"a/r0", "b/r0/active"}
+    shares = usage["a/r0"]["layers.0.q_proj"]
+    assert len(shares) == 4 and abs(sum(shares) - 1.0) < 1e-6
+    with stacks.track_expert_utilization() as usage2:
+        pass
+    assert usage2 == {}
