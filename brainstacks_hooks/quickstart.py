@@ -88,7 +88,7 @@ def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_n
         result.generations[mode] = [{"prompt": g.prompt, "text": g.text, "explain": g.explain.to_dict()}
                                     for g in gens]
     result.timings_s["generation"] = time.perf_counter() - t
-    echo("\n== Generation (greedy, %d new tokens) ==" % max_new_tokens)
+    echo(f"\n== Generation (greedy, {max_new_tokens} new tokens) ==")
     for i, prompt in enumerate(PAPER_PROMPTS):
         route = result.generations["routed"][i]["explain"]
         weights = ", ".join(f"{d}={w:.2f}" for d, w in route["weights"].items()) or "none"

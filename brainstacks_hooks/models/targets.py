@@ -16,7 +16,9 @@ from torch import nn
 from ..errors import ConfigError
 
 # A decoder-layer projection: "<prefix>layers.<i>.<block>.<proj>" where <block> is attention or MLP.
-_PROJ_RE = re.compile(r"^(?P<prefix>.*?)layers\.(?P<idx>\d+)\.(?:[A-Za-z_]*attn[A-Za-z_]*|mlp|feed_forward)\.(?P<proj>\w+)$")
+_PROJ_RE = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<idx>\d+)\.(?:[A-Za-z_]*attn[A-Za-z_]*|mlp|feed_forward)\.(?P<proj>\w+)$"
+)
 # Towers that must never receive stacks on multimodal checkpoints.
 _EXCLUDED_TOWERS = ("vision", "visual", "audio", "image", "multi_modal_projector")
 

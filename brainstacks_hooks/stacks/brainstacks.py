@@ -129,7 +129,8 @@ class BrainStacks:
         self._handles.append(model.register_forward_hook(self._check_calls))
         model._brainstacks_attached = True  # type: ignore[attr-defined]
         model._brainstacks = self  # type: ignore[attr-defined]
-        logger.info("attached hooks to %d projections (%d layers)", len(self.keys), len({k.split(".")[1] for k in self.keys}))
+        n_layers = len({k.split(".")[1] for k in self.keys})
+        logger.info("attached hooks to %d projections (%d layers)", len(self.keys), n_layers)
         return self
 
     def detach(self) -> None:
@@ -176,7 +177,8 @@ class BrainStacks:
             StackStateError: an active stack exists (freeze or discard it first).
         """
         if self.active is not None:
-            raise StackStateError(f"an active stack ({self.active.domain!r}) exists; freeze_active() or discard_active() first")
+            raise StackStateError(
+                f"an active stack ({self.active.domain!r}) exists; freeze_active() or discard_active() first")
         if round_index is None:
             round_index = len(self.stacks_for(domain))
         devices = {self._device_of(k) for k in self.keys}
@@ -490,8 +492,9 @@ class BrainStacks:
         entries = []
         for i, s in enumerate(self.frozen_stacks):
             rel = f"stacks/{i:03d}-{s.domain}-r{s.round_index}.safetensors"
-            entries.append({"file": rel, "domain": s.domain, "round": s.round_index,
-                            "sha256": self.save_stack(s, directory / rel), "dtype": str(s.dtype).removeprefix("torch.")})
+            sha = self.save_stack(s, directory / rel)
+            entries.append({"file": rel, "domain": s.domain, "round": s.round_index, "sha256": sha,
+                            "dtype": str(s.dtype).removeprefix("torch.")})
         index: dict[str, Any] = {
             "format_version": STACK_FORMAT_VERSION,
             "library_version": __version__,

@@ -34,10 +34,12 @@ class StackConfig:
     router_noise: bool = field(default=True, metadata={"help": "Shazeer input-dependent router noise in training."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the router weight initialisation."})
     frozen_dtype: str = field(
-        default="auto", metadata={"help": "Storage dtype of frozen stacks: auto (active dtype), float32, bfloat16, float16."}
+        default="auto",
+        metadata={"help": "Storage dtype of frozen stacks: auto (active dtype), float32, bfloat16, float16."},
     )
     offload_frozen: bool = field(
-        default=False, metadata={"help": "Keep frozen stacks in CPU RAM; only the stacks in use are copied to the device."}
+        default=False,
+        metadata={"help": "Keep frozen stacks in CPU RAM; only the stacks in use are copied to the device."},
     )
     group_frozen: bool = field(
         default=True, metadata={"help": "Compute all frozen stacks of a projection in one grouped matmul."}

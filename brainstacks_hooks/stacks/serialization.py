@@ -115,7 +115,8 @@ def load_stack(
         if actual is None:
             raise StackLoadError(f"{path}: stack file not found")
         if actual != expected_sha256:
-            raise StackLoadError(f"{path}: checksum mismatch (expected {expected_sha256[:16]}..., found {actual[:16]}...)")
+            raise StackLoadError(
+                f"{path}: checksum mismatch (expected {expected_sha256[:16]}..., found {actual[:16]}...)")
     meta = read_stack_metadata(path)
     check_fingerprint(meta["fingerprint"], model_fingerprint, str(path), allow_fingerprint_mismatch)
     check_config_compatible(meta["config"], config, str(path))

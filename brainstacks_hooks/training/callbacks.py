@@ -65,7 +65,8 @@ class BestStackCallback(TrainerCallback):
         self.stop_reason = reason
         self.restore()
         control.should_training_stop = True
-        logger.info("round stopped (%s); restored weights of step %d (val %.4f)", reason, self.best_step, self.best_loss)
+        logger.info("round stopped (%s); restored weights of step %d (val %.4f)", reason, self.best_step,
+                    self.best_loss)
 
     def check(self, step: int, control) -> None:
         """Evaluate now and decide (public so tests can drive it without a Trainer)."""

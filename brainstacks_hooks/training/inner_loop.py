@@ -108,7 +108,8 @@ def run_inner_loop(
             stacks.freeze_active()
             frozen = stacks.frozen_stacks[-1]
             with stacks.prefix(domain):
-                result.frozen_val_loss = evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size, train.bf16)
+                result.frozen_val_loss = evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size,
+                                                       train.bf16)
             path = stack_path(r)
             result.sha256 = stacks.save_stack(frozen, path)
             result.file = str(path)

@@ -82,7 +82,8 @@ def build_trainer(
     callbacks: list | None = None,
 ) -> StackSFTTrainer:
     """Build the trainer of one round over pre-encoded examples (``input_ids``, ``attention_mask``, ``labels``)."""
-    dataset = Dataset.from_list([{k: ex[k] for k in ("input_ids", "attention_mask", "labels")} for ex in train_examples])
+    columns = ("input_ids", "attention_mask", "labels")
+    dataset = Dataset.from_list([{k: ex[k] for k in columns} for ex in train_examples])
     model = stacks.model
     guard = contextlib.nullcontext()
     if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):

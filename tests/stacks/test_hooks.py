@@ -85,7 +85,7 @@ def test_frozen_stacks_add_up(tiny_llama, tiny_batch):
     per = []
     for dom in ("a", "b"):
         got = {}
-        with stacks.isolated(dom), stacks.collect_frozen_deltas(lambda k, d: got.__setitem__(k, d.clone())):
+        with stacks.isolated(dom), stacks.collect_frozen_deltas(lambda k, d, got=got: got.__setitem__(k, d.clone())):
             logits(tiny_llama, tiny_batch)
         per.append(got)
     # first projection sees the same input in every mode, so deltas must add exactly up to rounding
@@ -164,7 +164,7 @@ def test_bypass_guard_fires_when_a_kernel_reads_weights_directly():
     x = torch.randn(3, 8)
     model(x)  # no stack yet: nothing to lose, no error
     stacks.new_stack("a")
-    with pytest.raises(StackBypassed, match="layers.1.q_proj"):
+    with pytest.raises(StackBypassed, match=r"layers\.1\.q_proj"):
         model(x)
     with stacks.base_only():
         model(x)  # base only: stacks would not run anyway

@@ -65,7 +65,7 @@ def test_plateau_after_patience_and_small_wobble_is_not_a_spike(tiny_llama):
 
 
 def test_nan_training_loss_stops(tiny_llama):
-    stacks, cb = _setup(tiny_llama, [])
+    _, cb = _setup(tiny_llama, [])
     control = TrainerControl()
 
     class _State:
