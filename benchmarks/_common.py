@@ -1,9 +1,10 @@
 """Shared helpers of the benchmark scripts: model, batch, machine info, interleaved timing, peak memory.
 
-Timing protocol: every variant lives in the same process; each repetition runs every variant once (for
-``steps`` timed calls after ``warmup`` untimed ones), in an order that rotates between repetitions, so a
-burst of load from another process hits all variants alike. Ratios are formed *within* a repetition and
-the median over repetitions is reported (plus the ratio of the per-variant minimum times).
+Timing protocol (:func:`bracketed`): every variant lives in the same process and every run of a variant is
+bracketed by two runs of the reference (``ref, v1, ref, v2, ref, ..., ref``; the variant order rotates
+between repetitions). Each run's ratio is its time over the mean of the two reference runs next to it, so
+a burst of load from another process moves both sides of the ratio; the median of these ratios over the
+repetitions is reported, with their range and the ratio of the minimum times.
 
 Memory protocol: each variant runs in its own child process (``--child``); the child resets the kernel's
 RSS high-water mark (``/proc/self/clear_refs``) once the model and adapters are set up, runs the steps and
@@ -105,35 +106,37 @@ def print_header(title: str, args) -> None:
     sys.stdout.flush()
 
 
-def interleaved(variants: dict[str, Callable[[], None]], repeats: int, steps: int, warmup: int,
-                setup: dict[str, Callable[[], None]] | None = None, log: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of every variant, one entry per repetition (mean over ``steps`` calls).
+def bracketed(ref: Callable[[], None], variants: dict[str, Callable[[], None]], repeats: int, steps: int,
+              label: str = "ref") -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
+    """Time ``variants`` against ``ref``, each variant run between two reference runs.
 
-    ``setup[name]`` (optional) runs untimed before the variant's warm-up calls in every repetition.
-    The variant order rotates by one each repetition.
+    Returns ``(reference seconds per call, {name: seconds per call}, {name: ratio to the neighbouring
+    reference runs})``, one entry per repetition (each run is ``steps`` calls, timed together).
     """
+
+    def timed(fn: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+
     names = list(variants)
+    ref_times = [timed(ref)]
     times: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            if setup and name in setup:
-                setup[name]()
-            for _ in range(warmup):
-                variants[name]()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                variants[name]()
-            times[name].append((time.perf_counter() - t0) / steps)
-        if log:
-            print(f"  rep {rep + 1}/{repeats}: " + "  ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
-    return times
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            times[name].append(timed(variants[name]))
+            ref_times.append(timed(ref))
+            ratios[name].append(times[name][-1] / (0.5 * (ref_times[-2] + ref_times[-1])))
+        print(f"  rep {rep + 1}/{repeats}: {label}={statistics.median(ref_times[-len(names):]):.3f}s  "
+              + "  ".join(f"{n}={times[n][-1]:.3f}s ({ratios[n][-1]:.2f}x)" for n in names), flush=True)
+    return ref_times, times, ratios
 
 
-def ratio_stats(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float, float]:
-    """(median of per-repetition ratios, min ratio, max ratio, ratio of the minimum times) of num/den."""
-    ratios = [a / b for a, b in zip(times[num], times[den])]
-    return statistics.median(ratios), min(ratios), max(ratios), min(times[num]) / min(times[den])
+def summary(ratios: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of a list of ratios."""
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _status_kib(field: str) -> int:

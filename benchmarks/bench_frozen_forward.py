@@ -1,7 +1,8 @@
 """Forward (eval, no grad) with 0, 2, 5, 10 frozen MoE-LoRA stacks vs the bare base model, on the embedded SmolLM2.
 
 Every variant is a copy of the same model that shares the base weights (only the modules and hooks are
-copied), so all variants live in this process and are timed interleaved (see ``_common.py``):
+copied), so all variants live in this process; each run of a variant is timed between two runs of the bare
+base model and its ratio taken against them (see ``_common.py``):
 
 * ``base``: the model with no hooks at all;
 * ``hooks, 0 stacks``: BrainStacks attached, no stack (the hook returns at once);
@@ -29,12 +30,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
-    interleaved,
+    bracketed,
     load_model,
     macs_per_token,
     make_batch,
     print_header,
-    ratio_stats,
+    summary,
     table,
 )
 
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--counts", default="2,5,10", help="comma list of frozen-stack counts (0 is always run)")
     p.add_argument("--steps", type=int, default=2, help="timed forwards per variant and repetition")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (the median ratio is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="repetitions (the median ratio is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per variant before the repetitions")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 (float32) and bf16 (bf16 autocast)")
     p.add_argument("--no-bf16-stacks", action="store_true", help="skip the frozen_dtype=bfloat16 variants")
@@ -123,37 +124,33 @@ def main() -> None:
 
         return run
 
-    fns = {f"{name} [{dt}]": forward_fn(name, dt) for dt in dtypes for name in models}
-    for fn in fns.values():  # warm-up: allocator, grouped weights, autocast
-        for _ in range(args.warmup):
-            fn()
-    print(f"timing: {args.repeats} repetitions x {args.steps} forwards per variant, interleaved")
-    times = interleaved(fns, args.repeats, args.steps, warmup=0)
-
     verdicts = []
     for dt in dtypes:
-        rows = []
-        for name in models:
-            key = f"{name} [{dt}]"
-            med, lo, hi, of_min = ratio_stats(times, key, f"base [{dt}]")
+        base_fn = forward_fn("base", dt)
+        fns = {name: forward_fn(name, dt) for name in models if name != "base"}
+        for fn in [base_fn, *fns.values()]:  # warm-up: allocator, grouped weights, autocast
+            for _ in range(args.warmup):
+                fn()
+        print(f"\ntiming {dt}: {args.repeats} repetitions x {args.steps} forwards, each variant between two base runs")
+        base_times, times, ratios = bracketed(base_fn, fns, args.repeats, args.steps, label="base")
+        rows = [["base (no hooks)", f"{statistics.median(base_times):.3f}", "1", "1", "1"]]
+        for name in fns:
+            med, lo, hi = summary(ratios[name])
             n = int(name.split()[0]) if name[0].isdigit() else 0
-            rows.append([name, f"{statistics.median(times[key]):.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})",
-                         f"{of_min:.3f}x", f"{1 + n * share:.2f}x"])
+            rows.append([name, f"{statistics.median(times[name]):.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})",
+                         f"{min(times[name]) / min(base_times):.3f}x", f"{1 + n * share:.2f}x"])
         print(f"\nForward of {args.batch} x {args.seq} tokens, {dt}:\n")
         print(table(rows, ["variant", "s (median)", "vs base: median ratio (min-max)", "ratio of min times",
                            "MAC ratio"]))
         for n in counts:
-            med, *_ = ratio_stats(times, f"{n} grouped [{dt}]", f"{n} per-stack [{dt}]")
+            g, u = ratios[f"{n} grouped"], ratios[f"{n} per-stack"]
+            med = statistics.median(a / b for a, b in zip(g, u))
             verdicts.append(f"{dt}: {n} stacks grouped / per-stack = {med:.3f}x")
-        if TARGET_N in counts:
-            med, *_ = ratio_stats(times, f"{TARGET_N} grouped [{dt}]", f"base [{dt}]")
-            verdicts.append(f"{dt}: {TARGET_N} frozen stacks (grouped, default frozen_dtype) = {med:.3f}x base "
-                            f"(target <= {TARGET}x: {'met' if med <= TARGET else 'MISSED'})")
-            bf = f"{TARGET_N} grouped, bf16 stacks [{dt}]"
-            if bf in times:
-                med, *_ = ratio_stats(times, bf, f"base [{dt}]")
-                verdicts.append(f"{dt}: {TARGET_N} frozen stacks (grouped, frozen_dtype=bfloat16) = {med:.3f}x base "
-                                f"(target <= {TARGET}x: {'met' if med <= TARGET else 'MISSED'})")
+        for name in (f"{TARGET_N} grouped", f"{TARGET_N} grouped, bf16 stacks"):
+            if name in ratios:
+                med = statistics.median(ratios[name])
+                verdicts.append(f"{dt}: {name} = {med:.3f}x base (target <= {TARGET}x: "
+                                f"{'met' if med <= TARGET else 'MISSED'})")
     print("\n" + "\n".join(verdicts))
 
 

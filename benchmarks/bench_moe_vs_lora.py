@@ -4,8 +4,9 @@ MoE-LoRA: 4 experts x rank 16, top-2, noisy router, load-balance loss, on all 7 
 hooks). LoRA: PEFT rank 64 with ``use_rslora`` on the same 7 projections. One step = forward + backward +
 AdamW step, on a batch of ``--batch`` x ``--seq`` tokens, in float32 and under bfloat16 autocast.
 
-Time: both variants in this process, interleaved (see ``_common.py``); the median of the per-repetition
-ratios MoE/LoRA is the headline. Memory: every variant in its own child process; peak RSS during the steps.
+Time: both variants in this process, each MoE-LoRA step run between two LoRA steps (see ``_common.py``);
+the median of the ratios MoE/LoRA is the headline. Memory: every variant in its own child process; peak
+RSS during the steps.
 
     python benchmarks/bench_moe_vs_lora.py                 # full run (batch 4 x 256)
     python benchmarks/bench_moe_vs_lora.py --quick         # CI-sized smoke run
@@ -24,15 +25,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
+    bracketed,
     emit_child_result,
-    interleaved,
     load_model,
     macs_per_token,
     make_batch,
     memory_probe,
     print_header,
-    ratio_stats,
     run_child,
+    summary,
     table,
 )
 
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant and repetition")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (the median ratio is reported)")
+    p.add_argument("--repeats", type=int, default=7, help="repetitions (the median ratio is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the first repetition")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 (float32) and bf16 (bf16 autocast)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant child processes for memory")
@@ -124,18 +125,19 @@ def main() -> None:
     print(f"trainable parameters: MoE-LoRA {n_params['moe']:,}  LoRA r64 {n_params['lora']:,}  "
           f"(ratio {n_params['moe'] / n_params['lora']:.3f})")
 
-    steps = {f"{kind}_{dt}": make_step(m, params, batch, dt) for dt in dtypes for kind, (m, params) in models.items()}
-    for step in steps.values():  # warm-up outside the timed repetitions (allocator, AdamW state)
-        for _ in range(args.warmup):
-            step()
-    print(f"timing: {args.repeats} repetitions x {args.steps} steps per variant, interleaved")
-    times = interleaved(steps, args.repeats, args.steps, warmup=0)
-
     rows, verdicts = [], []
     for dt in dtypes:
-        med, lo, hi, of_min = ratio_stats(times, f"moe_{dt}", f"lora_{dt}")
-        t_moe, t_lora = statistics.median(times[f"moe_{dt}"]), statistics.median(times[f"lora_{dt}"])
-        rows.append([dt, f"{t_moe:.3f}", f"{t_lora:.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})", f"{of_min:.3f}x"])
+        moe_step = make_step(*models["moe"], batch, dt)
+        lora_step = make_step(*models["lora"], batch, dt)
+        for _ in range(args.warmup):  # allocator, AdamW state
+            moe_step()
+            lora_step()
+        print(f"timing {dt}: {args.repeats} repetitions x {args.steps} steps, each MoE-LoRA run between two LoRA runs")
+        lora_times, times, ratios = bracketed(lora_step, {"moe": moe_step}, args.repeats, args.steps, label="lora")
+        med, lo, hi = summary(ratios["moe"])
+        t_moe, t_lora = statistics.median(times["moe"]), statistics.median(lora_times)
+        rows.append([dt, f"{t_moe:.3f}", f"{t_lora:.3f}", f"**{med:.3f}x** ({lo:.2f}-{hi:.2f})",
+                     f"{min(times['moe']) / min(lora_times):.3f}x"])
         verdicts.append(f"step time {dt}: {med:.3f}x (target <= {TIME_TARGET}x: "
                         f"{'met' if med <= TIME_TARGET else 'MISSED'})")
     print("\n" + table(rows, ["dtype", "MoE-LoRA step s (median)", "LoRA step s (median)",
