@@ -30,6 +30,9 @@ PAPER_PROMPTS = (
 )
 MODES = ("base", "ungated", "routed")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+#: ``--fast``: a smaller oracle and router on top of ``router_quickstart.yaml``.
+FAST_ROUTER_OVERRIDES = ["samples_per_domain=8", "val_samples_per_domain=6", "mixed_pairs=4", "val_mixed_pairs=4",
+                         "timing_prompts=2", "router.epochs=6"]
 
 
 @dataclass
@@ -71,7 +74,7 @@ def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_n
 
     t = time.perf_counter()
     router_cfg = load_config(RouterPipelineConfig, router_path, [f"run_dir={run.run_dir}"]
-                             + (["samples_per_domain=24", "router.epochs=6"] if fast else []))
+                             + (FAST_ROUTER_OVERRIDES if fast else []))
     routed = train_router_for_run(run.run_dir, router_cfg, model=run.stacks.model, tokenizer=run.tokenizer,
                                   stacks=run.stacks)
     result.timings_s["router"] = time.perf_counter() - t
