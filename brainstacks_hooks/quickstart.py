@@ -30,9 +30,6 @@ PAPER_PROMPTS = (
 )
 MODES = ("base", "ungated", "routed")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-#: ``--fast``: a smaller oracle and router on top of ``router_quickstart.yaml``.
-FAST_ROUTER_OVERRIDES = ["samples_per_domain=8", "val_samples_per_domain=6", "mixed_pairs=4", "val_mixed_pairs=4",
-                         "timing_prompts=2", "router.epochs=6"]
 
 
 @dataclass
@@ -46,17 +43,21 @@ class QuickstartResult:
 
 
 def quickstart_configs(fast: bool) -> tuple[Path, Path]:
-    """Paths of the SFT and router YAML configs of the quickstart."""
-    name = "quickstart_fast" if fast else "quickstart_cpu"
-    sft, router = CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / "router_quickstart.yaml"
+    """Paths of the SFT and router YAML configs of the quickstart (``--fast``: the smaller pair)."""
+    sft = CONFIG_DIR / ("quickstart_fast.yaml" if fast else "quickstart_cpu.yaml")
+    router = CONFIG_DIR / ("router_quickstart_fast.yaml" if fast else "router_quickstart.yaml")
     if not sft.is_file() or not router.is_file():
         raise ConfigError(f"quickstart configs not found in {CONFIG_DIR}; run from a clone of the repository")
     return sft, router
 
 
-def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_new_tokens: int = 48,
+def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_new_tokens: int | None = None,
                    echo: Any = print) -> QuickstartResult:
-    """Run the whole pipeline and return what it produced (``echo`` prints the human-readable parts)."""
+    """Run the whole pipeline and return what it produced (``echo`` prints the human-readable parts).
+
+    ``max_new_tokens`` of the sample generations defaults to 48 (32 with ``fast``).
+    """
+    max_new_tokens = max_new_tokens or (32 if fast else 48)
     from .inference.routed_model import GenerationSettings, RoutedModel
     from .router.pipeline import RouterPipelineConfig, train_router_for_run
     from .training.config import RunConfig
@@ -73,8 +74,7 @@ def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_n
     echo("\n== SFT ==\n" + summary_table(run.manifest))
 
     t = time.perf_counter()
-    router_cfg = load_config(RouterPipelineConfig, router_path, [f"run_dir={run.run_dir}"]
-                             + (FAST_ROUTER_OVERRIDES if fast else []))
+    router_cfg = load_config(RouterPipelineConfig, router_path, [f"run_dir={run.run_dir}"])
     routed = train_router_for_run(run.run_dir, router_cfg, model=run.stacks.model, tokenizer=run.tokenizer,
                                   stacks=run.stacks)
     result.timings_s["router"] = time.perf_counter() - t

@@ -40,7 +40,8 @@ def route_line(explain) -> str:
     t = explain.timings
     return (f"[{explain.mode}] route: {weights}{gap} | stacks: {', '.join(explain.stacks_used) or '-'} | "
             f"loaded {len(explain.loaded)}, cached {len(explain.cache_hits)} | "
-            f"generate {t.get('generate_ms', 0):.0f} ms")
+            + (f"route {t['route_ms']:.0f} ms, " if "route_ms" in t else "")
+            + f"generate {t.get('generate_ms', 0):.0f} ms")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -94,7 +95,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="smaller config: a few-minute look")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 48 (32 with --fast)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the SFT config, e.g. output_dir=runs/qs2")
 
 

@@ -37,9 +37,10 @@ logger = get_logger(__name__)
 
 @dataclass
 class GenerationSettings:
-    """The usual generation knobs (greedy by default)."""
+    """The usual generation knobs (greedy by default); ``min_new_tokens`` > 0 suppresses EOS until then."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
@@ -136,8 +137,11 @@ class RoutedModel:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         settings = settings or GenerationSettings()
         routes: list[Route | None]
+        route_ms = 0.0
         if mode == "routed":
+            t_route = time.perf_counter()
             routes = list(self.route(prompts))
+            route_ms = (time.perf_counter() - t_route) * 1000  # tokenise + features + router + gating
             groups: dict[str, list[int]] = {}
             for i, r in enumerate(routes):
                 groups.setdefault(json.dumps(sorted(r.weights.items())), []).append(i)
@@ -162,6 +166,7 @@ class RoutedModel:
                     gap=bool(r.gap) if r else False, stacks_used=list(report.attached),
                     cache_hits=list(report.hits), loaded=list(report.loaded),
                     timings={**({k: round(v, 2) for k, v in r.timings.items()} if r else {}),
+                             **({"route_ms": round(route_ms, 2)} if r else {}),
                              "load_ms": round(load_ms, 2), "generate_ms": round(gen_ms, 2)})
                 out[i] = Generation(prompts[i], texts[j], explain, n_new[j])
         return [g for g in out if g is not None]
@@ -181,6 +186,8 @@ class RoutedModel:
         kwargs: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
                                       repetition_penalty=s.repetition_penalty, pad_token_id=tok.pad_token_id,
                                       use_cache=self.use_cache)
+        if s.min_new_tokens > 0:
+            kwargs["min_new_tokens"] = s.min_new_tokens
         if s.do_sample:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
         if streamer is not None:

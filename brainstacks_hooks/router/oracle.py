@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, StackLoadError
+from ..training.validation import autocast_context
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from ..utils.logging import get_logger
 from .config import RouterConfig
@@ -402,12 +403,16 @@ class StackOracleBackend:
         tokenizer: The base tokenizer.
         max_length: Max tokens of prompt + answer.
         encode_fn: Override of ``encode_example`` (tests).
+        bf16: Run the forwards under bf16 autocast (the precision of the SFT evaluator when the run trained
+            with ``train.bf16``); the cross-entropy is taken in fp32.
     """
 
-    def __init__(self, bs: Any, tokenizer: Any, max_length: int, encode_fn: Callable[..., Any] | None = None):
+    def __init__(self, bs: Any, tokenizer: Any, max_length: int, encode_fn: Callable[..., Any] | None = None,
+                 bf16: bool = False):
         from ..data.formatting import CompletionCollator, encode_example
 
         self.bs = bs
+        self.bf16 = bf16
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.encode_fn = encode_fn or encode_example
@@ -439,9 +444,9 @@ class StackOracleBackend:
             ids = batch["input_ids"][rows, :L].to(device)  # [b, L]
             labels = batch["labels"][rows, :L].to(device)  # [b, L]
             ctx = self.bs.routed(weights) if weights else self.bs.base_only()
-            with ctx:
+            with ctx, autocast_context(model, self.bf16):
                 logits = model(input_ids=ids, attention_mask=mask[:, :L].to(device), use_cache=False).logits
-            return completion_losses(logits, labels)  # [b]
+            return completion_losses(logits.float(), labels)  # [b]
 
         return loss_fn
 
@@ -472,9 +477,10 @@ def stacks_signature(bs: Any, tokenizer: Any = None) -> str:
     return h.hexdigest()
 
 
-def oracle_signature(stack_signature: str, domains: Sequence[str], config: RouterConfig) -> str:
-    """Cache signature: the stacks plus every setting that changes a stored loss."""
+def oracle_signature(stack_signature: str, domains: Sequence[str], config: RouterConfig, bf16: bool = False) -> str:
+    """Cache signature: the stacks plus every setting that changes a stored loss (``bf16``: autocast forwards)."""
     blob = {
+        "bf16": bf16,
         "format_version": ORACLE_FORMAT_VERSION,
         "stack_signature": stack_signature,
         "domains": list(domains),
@@ -556,6 +562,7 @@ def run_oracle(
     cache_dir: str | os.PathLike | None = None,
     save_every: int = 8,
     progress: bool = True,
+    bf16: bool = False,
 ) -> OracleResult:
     """Discover the best route and the router target of every example, using and filling the cache.
 
@@ -568,6 +575,7 @@ def run_oracle(
         cache_dir: Folder of the per-domain cache files (``None``: no cache).
         save_every: Save a domain's cache every this many batches (a crash loses little).
         progress: Show tqdm bars.
+        bf16: Whether ``backend`` runs under bf16 autocast (part of the cache signature).
 
     Returns:
         An :class:`OracleResult`.
@@ -583,7 +591,7 @@ def run_oracle(
         "exhaustive" if exhaustive else "greedy",
         f"{1 << len(domains)} routes per batch" if exhaustive else "best-improvement",
     )
-    signature = oracle_signature(stack_signature, domains, config)
+    signature = oracle_signature(stack_signature, domains, config, bf16)
     cache = OracleCache(cache_dir) if cache_dir is not None else None
     by_domain: dict[str, list[OracleExample]] = {}
     for e in examples:
@@ -668,14 +676,16 @@ def run_oracle_on_stacks(
     cache_dir: str | os.PathLike | None = None,
     stack_signature: str | None = None,
     progress: bool = True,
+    bf16: bool = False,
 ) -> OracleResult:
     """:func:`run_oracle` on a :class:`BrainStacks` model over its frozen domains.
 
     ``stack_signature`` defaults to :func:`stacks_signature` of ``bs`` and ``tokenizer``. The model is put
-    in eval mode for the run and restored afterwards.
+    in eval mode for the run and restored afterwards. ``bf16`` runs the forwards under bf16 autocast (use the
+    precision the run's stacks were evaluated in, so oracle losses and SFT validation losses agree).
     """
     signature = stack_signature or stacks_signature(bs, tokenizer)
-    backend = StackOracleBackend(bs, tokenizer, config.oracle_max_length)
+    backend = StackOracleBackend(bs, tokenizer, config.oracle_max_length, bf16=bf16)
     was_training = bs.model.training
     bs.model.eval()
     try:
@@ -687,6 +697,7 @@ def run_oracle_on_stacks(
             stack_signature=signature,
             cache_dir=cache_dir,
             progress=progress,
+            bf16=bf16,
         )
     finally:
         bs.model.train(was_training)

@@ -112,7 +112,8 @@ class RouterPipelineConfig:
             ``None`` uses all of the run's validation rows.
         mixed_pairs: Synthetic mixed prompts for router training (see the module docstring).
         val_mixed_pairs: Synthetic mixed prompts built from validation rows (the ``mixed_set`` metric).
-        eval_bf16: bf16 autocast for the loss table; ``None`` follows the run's ``train.bf16``.
+        eval_bf16: bf16 autocast for the oracle and the loss table; ``None`` follows the run's ``train.bf16``
+            (the precision of the SFT evaluator, so oracle, SFT and loss-table losses are comparable).
         timing_prompts: Validation prompts routed one at a time to time features + router.
         generation_prompts: Prompts whose routed generation is timed (0 disables).
         generation_tokens: New tokens generated per timed prompt.
@@ -662,7 +663,7 @@ def train_router_for_run(
     # ---- oracle
     t0 = time.perf_counter()
     oracle = run_oracle_on_stacks(stacks, tokenizer, train_examples + val_examples, rc,
-                                  cache_dir=out_dir / "oracle_cache", progress=cfg.progress)
+                                  cache_dir=out_dir / "oracle_cache", progress=cfg.progress, bf16=bf16)
     oracle_s = time.perf_counter() - t0
     records = oracle.records
     by_id = {e.example_id: e for e in train_examples + val_examples}

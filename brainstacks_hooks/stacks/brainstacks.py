@@ -39,7 +39,7 @@ from ..utils.logging import get_logger
 from .config import StackConfig
 from .modes import Mode, select_frozen
 from .moe_lora import FrozenGroup
-from .null_space import fold_into_b, merge_bases, project_out
+from .null_space import fold_into_b, merge_bases
 from .serialization import check_config_compatible, check_fingerprint, load_stack, save_stack
 from .stack import Stack
 
@@ -68,6 +68,11 @@ class _Plan:
     @property
     def empty(self) -> bool:
         return not self.frozen and not self.use_active
+
+    @property
+    def signature(self) -> tuple[tuple[int, ...], tuple[float, ...], bool]:
+        """Equal signatures compute the same function (same stacks, weights and active flag)."""
+        return self.uids, tuple(self.weights), self.use_active
 
     def weight_tensor(self, device: torch.device) -> torch.Tensor:
         t = self._weight_tensors.get(device)
@@ -461,10 +466,8 @@ class BrainStacks:
                 for collect in self._collectors:
                     collect(key, delta)
             if plan.use_active:
-                d = self.active.module_for(key)(x2, self.config.aux_loss_coef, self.aux_grad_scale, self._track)
-                v = self._null_space.get(key)
-                if v is not None:
-                    d = project_out(d, v)
+                d = self.active.module_for(key)(x2, self.config.aux_loss_coef, self.aux_grad_scale, self._track,
+                                                null_basis=self._null_space.get(key))
                 delta = d if delta is None else delta + d
             return output + delta.view(*output.shape[:-1], -1).to(output.dtype)
 

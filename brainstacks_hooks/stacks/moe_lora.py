@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StackConfig
+from .null_space import project_out_weight
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -116,12 +117,14 @@ class MoELoRA(nn.Module):
         return self.B.transpose(1, 2).reshape(-1, self.out_features)
 
     def forward(self, x: torch.Tensor, aux_coef: float = 0.0, aux_grad_scale: float = 1.0,
-                track: bool = False) -> torch.Tensor:
+                track: bool = False, null_basis: torch.Tensor | None = None) -> torch.Tensor:
         """Delta for ``x`` [T, d_in] -> [T, d_out].
 
         In training mode with ``router_noise`` the logits get input-dependent Gaussian noise. When
         ``aux_coef > 0`` and gradients are enabled, ``aux_coef * load_balance`` enters the backward pass
-        through :class:`AuxLossInjector`; its value is kept in ``last_aux`` for logging.
+        through :class:`AuxLossInjector`; its value is kept in ``last_aux`` for logging. ``null_basis`` V
+        [d_out, k] projects the delta out of span(V) (through the up-projection weight, see
+        :func:`~.null_space.project_out_weight`).
         """
         E, r = self.num_experts, self.rank
         noisy = self.training and self.router_noise
@@ -134,7 +137,10 @@ class MoELoRA(nn.Module):
             logits = logits + torch.randn_like(logits) * noise_std
         gates, top_idx = top_k_gates(logits, self.top_k)  # [T, E], [T, K]
         mid = (mid.view(-1, E, r) * (gates * self.scale).unsqueeze(-1).to(mid.dtype)).reshape(-1, E * r)
-        delta = mid @ self.out_weight().to(mid.dtype)  # [T, d_out]
+        out_w = self.out_weight()  # [E*r, d_out]
+        if null_basis is not None:
+            out_w = project_out_weight(out_w, null_basis)  # rows orthogonal to span(V): delta is too
+        delta = mid @ out_w.to(mid.dtype)  # [T, d_out]
         if track:
             self._count(top_idx)
         if aux_coef > 0 and self.training:

@@ -1,9 +1,11 @@
 """Null-space projection (paper section 3.5), done with low-rank bases.
 
 A basis V [d_out, k] has orthonormal columns spanning the output directions claimed by earlier
-domains. The active stack's delta is projected as ``delta - (delta V) V^T`` (two thin matmuls, never a
-dense d_out x d_out matrix) and, at freeze time, the projection is folded into every expert's B
-(``B <- B - V (V^T B)``) so the frozen stack honours it at evaluation and inference too.
+domains. The active stack's delta is projected as ``delta - (delta V) V^T``; since the delta is linear in
+the expert up-projections, the hooks apply it to the weight instead (:func:`project_out_weight`, cost
+independent of the token count, never a dense d_out x d_out matrix) and, at freeze time, the projection
+is folded into every expert's B (``B <- B - V (V^T B)``) so the frozen stack honours it at evaluation and
+inference too.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def project_out(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``delta - (delta V) V^T`` for ``delta`` [T, d_out] and V [d_out, k]."""
     v = v.to(delta.dtype)
     return delta - (delta @ v) @ v.t()  # [T, k] -> [T, d_out]
+
+
+def project_out_weight(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``W - (W V) V^T`` for an output weight W [m, d_out] (rows map to outputs) and V [d_out, k].
+
+    ``(x @ W)`` projected equals ``x @ project_out_weight(W, V)``, so projecting the weight gives the same
+    delta as :func:`project_out` at a cost independent of the token count (m = E*r rows instead of T).
+    Computed in fp32 with autocast off, so the projection stays exact to fp32 precision under bf16
+    autocast; differentiable in W.
+    """
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        w32 = w.float()
+        v32 = v.to(device=w.device, dtype=torch.float32)
+        return w32 - (w32 @ v32) @ v32.t()  # [m, k] -> [m, d_out]
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ class BestStackCallback(TrainerCallback):
     def __post_init__(self) -> None:
         self.best_loss = self.initial_loss
         self._bad = 0
+        self._stopped = False  # set by _stop; the Trainer's own max_steps stop must not skip the last eval
         self._snapshot = self._take()
 
     def _take(self) -> dict[str, torch.Tensor]:
@@ -63,6 +64,7 @@ class BestStackCallback(TrainerCallback):
 
     def _stop(self, control, reason: str) -> None:
         self.stop_reason = reason
+        self._stopped = True
         self.restore()
         control.should_training_stop = True
         logger.info("round stopped (%s); restored weights of step %d (val %.4f)", reason, self.best_step,
@@ -88,7 +90,9 @@ class BestStackCallback(TrainerCallback):
                 self._stop(control, "plateau")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_training_stop:
+        # The Trainer's flow callback runs first and already sets should_training_stop at max_steps, so
+        # only our own stop (spike, NaN, plateau) skips the evaluation; the last step is always evaluated.
+        if self._stopped:
             return control
         if state.global_step % self.eval_steps == 0 or state.global_step >= state.max_steps:
             self.check(state.global_step, control)
@@ -96,7 +100,7 @@ class BestStackCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)) and not control.should_training_stop:
+        if loss is not None and not math.isfinite(float(loss)) and not self._stopped:
             self.history.append(EvalRecord(state.global_step, float(loss), "nonfinite"))
             self._stop(control, "nonfinite_train_loss")
         return control

@@ -24,15 +24,24 @@ def forgetting_row(
     bf16: bool = False,
     modes: Sequence[str] = MODES,
 ) -> dict[str, dict[str, float]]:
-    """``{domain: {mode: loss}}`` for every domain with frozen stacks and a validation set."""
+    """``{domain: {mode: loss}}`` for every domain with frozen stacks and a validation set.
+
+    Modes that resolve to the same stacks and weights for a domain (``prefix`` and ``isolated`` of the first
+    domain, ``prefix`` and ``ungated`` of the last one) compute the same function, so they are evaluated once
+    and share the loss.
+    """
     row: dict[str, dict[str, float]] = {}
     for domain in stacks.domains:
         if domain not in val_sets:
             continue
         row[domain] = {}
+        seen: dict[tuple, float] = {}  # plan signature -> loss, for this domain's val set
         for mode in modes:
             with stacks.using(mode, None if mode == "ungated" else domain):
-                row[domain][mode] = evaluate_loss(stacks.model, val_sets[domain], pad_token_id, batch_size, bf16)
+                key = stacks.plan.signature
+                if key not in seen:
+                    seen[key] = evaluate_loss(stacks.model, val_sets[domain], pad_token_id, batch_size, bf16)
+                row[domain][mode] = seen[key]
     return row
 
 

@@ -69,9 +69,16 @@ def test_routed_generation_explains_its_route(run_dir):
         e = g.explain
         assert set(e.scores) == {"chat", "code"}
         assert {s.split("/")[0] for s in e.stacks_used} == set(e.weights)  # only gated-on domains are loaded
-        assert "features_ms" in e.timings or "router_ms" in e.timings
+        assert {"features_ms", "router_ms", "route_ms", "load_ms", "generate_ms"} <= set(e.timings)
+        assert e.timings["route_ms"] >= e.timings["features_ms"] > 0  # route_ms is the whole routing wall time
     base = rm.generate(PROMPTS[:1], mode="base", settings=SETTINGS)[0]
     assert base.explain.stacks_used == []
+
+
+def test_min_new_tokens_fixes_the_length(run_dir):
+    rm = RoutedModel.from_run(run_dir)
+    (g,) = rm.generate(PROMPTS[0], mode="base", settings=GenerationSettings(max_new_tokens=6, min_new_tokens=6))
+    assert g.new_tokens == 6
 
 
 def test_stream_yields_text_then_the_result(run_dir):

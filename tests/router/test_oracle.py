@@ -3,6 +3,7 @@ per-domain cache, cross-domain analysis, and the BrainStacks-backed loss."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
@@ -478,3 +479,35 @@ def test_stack_backend_end_to_end(tiny_llama, tmp_path):
     assert stacks_signature(bs, tok) != sig
     run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False)
     assert calls[0] > n
+
+
+def test_stack_backend_bf16_autocast(tiny_llama, tmp_path):
+    """bf16 oracle forwards: losses within bf16 noise of fp32, and a separate cache entry (recomputed)."""
+    from brainstacks_hooks.router.oracle import run_oracle_on_stacks
+
+    bs = _stacks(tiny_llama)
+    tok = CharTokenizer()
+    exs = [
+        OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),
+        OracleExample.make("chat", "Say hello politely", "", "Hello, nice to meet you!"),
+    ]
+    c = RouterConfig(oracle_max_length=128, oracle_batch_size=2)
+    calls = [0]
+    tiny_llama.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    fp32 = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False)
+    n = calls[0]
+    autocast_dtypes = []
+    first_linear = next(m for m in tiny_llama.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda m, a, o: autocast_dtypes.append(o.dtype))
+    bf16 = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False, bf16=True)
+    assert calls[0] > n and bf16.n_cached == 0  # the fp32 cache is not reused for bf16
+    assert autocast_dtypes and set(autocast_dtypes) == {torch.bfloat16}
+    for a, b in zip(fp32.records, bf16.records):
+        assert a.losses.keys() == b.losses.keys()
+        for k in a.losses:
+            assert b.losses[k] == pytest.approx(a.losses[k], rel=0.05)
+            assert math.isfinite(b.losses[k])
+    # And the bf16 results are now cached under their own signature.
+    m = calls[0]
+    again = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False, bf16=True)
+    assert calls[0] == m and again.n_cached == 2

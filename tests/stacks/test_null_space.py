@@ -90,3 +90,24 @@ def test_null_space_capacity_and_persistence(tiny_llama, tmp_path, tiny_batch):
     again = BrainStacks.load(make_tiny_llama(), tmp_path)
     for k, v in stacks.null_space.items():
         torch.testing.assert_close(again.null_space[k], v)
+
+
+def test_weight_projection_equals_delta_projection_and_trains():
+    """The hooks project the up-projection weight; that is the same delta as projecting the output."""
+    from brainstacks_hooks.stacks.config import StackConfig
+    from brainstacks_hooks.stacks.moe_lora import MoELoRA
+
+    torch.manual_seed(0)
+    m = MoELoRA(16, 24, StackConfig(router_noise=False))
+    with torch.no_grad():
+        m.B.normal_()
+    v, _ = torch.linalg.qr(torch.randn(24, 5))
+    x = torch.randn(30, 16)
+    projected = m(x, null_basis=v)
+    torch.testing.assert_close(projected, project_out(m(x), v), atol=1e-5, rtol=1e-5)
+    assert _rel(projected, v) < 1e-5
+    projected.pow(2).sum().backward()
+    assert m.B.grad is not None and m.B.grad.abs().sum() > 0
+    # The gradient of B has no component that would move the delta into span(V).
+    g = m.B.grad.detach().clone()  # [E, d_out, r]
+    assert (torch.einsum("ok,eor->ekr", v, g).norm() / g.norm()).item() < 1e-5

@@ -73,3 +73,23 @@ def test_nan_training_loss_stops(tiny_llama):
 
     cb.on_log(None, _State(), control, logs={"loss": math.inf})
     assert control.should_training_stop and cb.stop_reason == "nonfinite_train_loss"
+
+
+def test_last_step_is_evaluated_under_a_real_trainer(tiny_llama, tmp_path):
+    """The Trainer's flow callback sets should_training_stop at max_steps before ours runs; the last
+    evaluation must happen anyway (otherwise every step after the previous evaluation would be thrown away)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    stacks = BrainStacks.attach(tiny_llama, StackConfig(target_modules=("q_proj",)))
+    stacks.new_stack("a")
+    losses = iter([1.9, 1.8, 1.7])
+    cb = BestStackCallback(stacks, evaluate=lambda: next(losses), initial_loss=2.0, eval_steps=2)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, 96, (8,), generator=g).tolist()), "labels": ids}
+            for _ in range(6)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True)
+    Trainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows), callbacks=[cb]).train()
+    assert [h.step for h in cb.history] == [2, 4, 5]
+    assert cb.best_step == 5 and cb.best_loss == 1.7 and cb.stop_reason == "max_steps"
