@@ -432,6 +432,13 @@ def _stacks(model):
     return bs
 
 
+#: Two small examples of two source domains, shared by the real-model oracle tests.
+SMALL_EXAMPLES = [
+    OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),
+    OracleExample.make("chat", "Say hello politely", "", "Hello, nice to meet you!"),
+]
+
+
 def test_stack_backend_end_to_end(tiny_llama, tmp_path):
     from brainstacks_hooks.data.formatting import encode_example
     from brainstacks_hooks.router.oracle import run_oracle_on_stacks, stacks_signature
@@ -439,8 +446,7 @@ def test_stack_backend_end_to_end(tiny_llama, tmp_path):
     bs = _stacks(tiny_llama)
     tok = CharTokenizer()
     exs = [
-        OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),
-        OracleExample.make("chat", "Say hello politely", "", "Hello, nice to meet you!"),
+        *SMALL_EXAMPLES,
         OracleExample.make("math", "Multiply 4 by 6", "", "4 * 6 = 24, so the answer is 24."),
         OracleExample.make("math", "x" * 200, "", "too long to fit"),  # answer would not fit: skipped
     ]
@@ -485,12 +491,7 @@ def test_stack_backend_bf16_autocast(tiny_llama, tmp_path):
     """bf16 oracle forwards: losses within bf16 noise of fp32, and a separate cache entry (recomputed)."""
     from brainstacks_hooks.router.oracle import run_oracle_on_stacks
 
-    bs = _stacks(tiny_llama)
-    tok = CharTokenizer()
-    exs = [
-        OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),
-        OracleExample.make("chat", "Say hello politely", "", "Hello, nice to meet you!"),
-    ]
+    bs, tok, exs = _stacks(tiny_llama), CharTokenizer(), SMALL_EXAMPLES
     c = RouterConfig(oracle_max_length=128, oracle_batch_size=2)
     calls = [0]
     tiny_llama.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
