@@ -51,15 +51,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..constants import STACK_FORMAT_VERSION, STACKS_INDEX_FILE
 from ..errors import ConfigError, FingerprintMismatch, StackLoadError, StackStateError
-from ..models.fingerprint import ModelFingerprint
 from ..stacks.brainstacks import BrainStacks
-from ..stacks.config import StackConfig
 from ..stacks.modes import Mode
-from ..stacks.serialization import check_config_compatible, check_fingerprint, read_stack_metadata
+from ..stacks.serialization import (
+    check_config_compatible,
+    check_fingerprint,
+    read_stack_index,
+    read_stack_metadata,
+)
 from ..stacks.stack import _UIDS, Stack
-from ..utils.io import read_json
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -291,42 +292,19 @@ class StackStore:
         return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
     def _read_index(self) -> None:
-        index_path = self.directory / STACKS_INDEX_FILE
-        if not index_path.is_file():
-            raise StackLoadError(f"{index_path}: not found (is {self.directory} a saved BrainStacks directory?)")
-        index = read_json(index_path)
-        try:
-            if index.get("format_version") != STACK_FORMAT_VERSION:
-                raise StackLoadError(f"{index_path}: format version {index.get('format_version')} unsupported")
-            saved_config = StackConfig.from_dict(index["config"])
-            saved_fp = ModelFingerprint.from_dict(index["fingerprint"])
-            raw_entries = list(index["stacks"])
-            order = [str(d) for d in index["domain_order"]]
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise StackLoadError(f"{index_path}: malformed index ({e})") from e
-        check_config_compatible(saved_config, self.stacks.config, str(index_path))
-        check_fingerprint(saved_fp, self.stacks.fingerprint, str(index_path), self.allow_fingerprint_mismatch)
+        index = read_stack_index(self.directory)
+        check_config_compatible(index.config, self.stacks.config, str(index.path))
+        check_fingerprint(index.fingerprint, self.stacks.fingerprint, str(index.path), self.allow_fingerprint_mismatch)
         root = self.directory.absolute()
-        for pos, raw in enumerate(raw_entries):
-            try:
-                domain, round_index, rel, sha = str(raw["domain"]), int(raw["round"]), str(raw["file"]), raw["sha256"]
-                dtype = getattr(torch, str(raw.get("dtype", "float32")), None)
-            except (KeyError, TypeError, ValueError) as e:
-                raise StackLoadError(f"{index_path}: malformed stack entry {pos} ({e})") from e
-            if not isinstance(dtype, torch.dtype):
-                raise StackLoadError(f"{index_path}: stack entry {pos} has unknown dtype {raw.get('dtype')!r}")
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:  # lexical check: symlinked folders are fine
-                raise StackLoadError(f"{index_path}: stack file {rel!r} is outside {self.directory}")
-            path = root / rel
-            name = f"{domain}/r{round_index}"
-            if name in self.entries:
-                raise StackLoadError(f"{index_path}: stack {name} is listed twice")
-            entry = StackEntry(name, domain, round_index, path, str(sha), dtype, self._layout(dtype).nbytes, pos)
+        for e in index.entries:
+            name = f"{e.domain}/r{e.round_index}"
+            entry = StackEntry(name, e.domain, e.round_index, root / e.file, e.sha256, e.dtype,
+                               self._layout(e.dtype).nbytes, e.position)
             self.entries[name] = entry
-            self._by_domain.setdefault(domain, []).append(entry)
+            self._by_domain.setdefault(e.domain, []).append(entry)
         for entries in self._by_domain.values():
             entries.sort(key=lambda e: e.position)
-        self.domain_order = order + [d for d in self._by_domain if d not in order]
+        self.domain_order = index.domain_order + [d for d in self._by_domain if d not in index.domain_order]
 
     def _layout(self, dtype: torch.dtype) -> _Layout:
         layout = self._layouts.get(dtype)

@@ -34,13 +34,13 @@ from ..constants import NULL_SPACE_FILE, STACK_FORMAT_VERSION, STACKS_INDEX_FILE
 from ..errors import ConfigError, StackBypassed, StackLoadError, StackStateError
 from ..models.fingerprint import ModelFingerprint
 from ..models.targets import find_target_modules, projection_features
-from ..utils.io import atomic_write_json, load_safetensors_checked, read_json, save_safetensors_atomic
+from ..utils.io import atomic_write_json, load_safetensors_checked, save_safetensors_atomic
 from ..utils.logging import get_logger
 from .config import StackConfig
 from .modes import Mode, select_frozen
 from .moe_lora import FrozenGroup
 from .null_space import fold_into_b, merge_bases
-from .serialization import check_config_compatible, check_fingerprint, load_stack, save_stack
+from .serialization import check_config_compatible, check_fingerprint, load_stack, read_stack_index, save_stack
 from .stack import Stack
 
 logger = get_logger(__name__)
@@ -523,19 +523,8 @@ class BrainStacks:
         :class:`StackLoadError` (or :class:`FingerprintMismatch`) and leaves the model exactly as it was.
         """
         directory = Path(directory)
-        index_path = directory / STACKS_INDEX_FILE
-        if not index_path.is_file():
-            raise StackLoadError(f"{index_path}: not found (is {directory} a saved BrainStacks directory?)")
-        index = read_json(index_path)
-        try:
-            if index.get("format_version") != STACK_FORMAT_VERSION:
-                raise StackLoadError(f"{index_path}: format version {index.get('format_version')} unsupported")
-            saved_config = StackConfig.from_dict(index["config"])
-            saved_fp = ModelFingerprint.from_dict(index["fingerprint"])
-            entries = list(index["stacks"])
-            domain_order = list(index["domain_order"])
-        except (KeyError, TypeError, ConfigError) as e:
-            raise StackLoadError(f"{index_path}: malformed index ({e})") from e
+        index = read_stack_index(directory)
+        index_path, saved_config, saved_fp = index.path, index.config, index.fingerprint
         if getattr(model, "_brainstacks_attached", False):
             raise StackStateError("this model already has stacks attached; detach() them before load()")
         config = config or saved_config
@@ -548,16 +537,16 @@ class BrainStacks:
         check_fingerprint(saved_fp, model_fp, str(index_path), allow_fingerprint_mismatch)
         shapes = {k: projection_features(m) for k, m in targets.items()}
         stacks = []
-        for e in entries:
-            stack = load_stack(directory / e["file"], shapes, model_fp, config, expected_sha256=e["sha256"],
+        for e in index.entries:
+            stack = load_stack(directory / e.file, shapes, model_fp, config, expected_sha256=e.sha256,
                                allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-            if stack.domain != e["domain"] or stack.round_index != e["round"]:
-                raise StackLoadError(f"{directory / e['file']}: metadata says {stack.domain}/r{stack.round_index}, "
-                                     f"index says {e['domain']}/r{e['round']}")
+            if stack.domain != e.domain or stack.round_index != e.round_index:
+                raise StackLoadError(f"{directory / e.file}: metadata says {stack.domain}/r{stack.round_index}, "
+                                     f"index says {e.domain}/r{e.round_index}")
             stacks.append(stack)
         bases: dict[str, dict[str, torch.Tensor]] = {}
-        if index.get("null_space"):
-            ns = index["null_space"]
+        if index.null_space:
+            ns = index.null_space
             tensors = load_safetensors_checked(directory / ns["file"], ns["sha256"])
             for name, v in tensors.items():
                 d, _, key = name.partition("/")
@@ -571,7 +560,7 @@ class BrainStacks:
             if not config.offload_frozen and len(devices) == 1:
                 stack.to(next(iter(devices)))
             self._append_frozen(stack)
-        self.domain_order = domain_order + [d for d in self.domain_order if d not in domain_order]
+        self.domain_order = index.domain_order + [d for d in self.domain_order if d not in index.domain_order]
         for d, b in bases.items():
             self.null_space_bases[d] = b
         if bases:

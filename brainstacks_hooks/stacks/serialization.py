@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ import torch
 from safetensors import safe_open
 
 from .. import __version__
-from ..constants import STACK_FORMAT_VERSION
-from ..errors import FingerprintMismatch, StackLoadError
+from ..constants import STACK_FORMAT_VERSION, STACKS_INDEX_FILE
+from ..errors import ConfigError, FingerprintMismatch, StackLoadError
 from ..models.fingerprint import ModelFingerprint
-from ..utils.io import save_safetensors_atomic, sha256_file
+from ..utils.io import read_json, save_safetensors_atomic, sha256_file
 from ..utils.logging import get_logger
 from .config import StackConfig
 from .stack import Stack
@@ -144,3 +145,71 @@ def load_stack(
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
     stack.freeze(dtype, device=device)
     return stack
+
+
+@dataclass
+class StackIndexEntry:
+    """One stack listed in ``brainstacks.json`` (validated; ``file`` is relative and stays inside the folder)."""
+
+    position: int
+    domain: str
+    round_index: int
+    file: str
+    sha256: str
+    dtype: torch.dtype
+
+
+@dataclass
+class StackIndex:
+    """The parsed and validated ``brainstacks.json`` of a saved stacks directory."""
+
+    path: Path
+    config: StackConfig
+    fingerprint: ModelFingerprint
+    entries: list[StackIndexEntry]
+    domain_order: list[str]
+    null_space: dict[str, Any] | None
+
+
+def read_stack_index(directory: str | os.PathLike) -> StackIndex:
+    """Read ``directory/brainstacks.json`` and validate its structure (not the stack files).
+
+    Raises :class:`StackLoadError` when the index is missing, of another format version, malformed, lists a
+    stack twice, names an unknown dtype or a file outside ``directory`` (absolute paths or ``..``).
+    """
+    directory = Path(directory)
+    path = directory / STACKS_INDEX_FILE
+    if not path.is_file():
+        raise StackLoadError(f"{path}: not found (is {directory} a saved BrainStacks directory?)")
+    index = read_json(path)
+    try:
+        if index.get("format_version") != STACK_FORMAT_VERSION:
+            raise StackLoadError(f"{path}: format version {index.get('format_version')} unsupported")
+        config = StackConfig.from_dict(index["config"])
+        fingerprint = ModelFingerprint.from_dict(index["fingerprint"])
+        raw_entries = list(index["stacks"])
+        order = [str(d) for d in index["domain_order"]]
+        null_space = index.get("null_space") or None
+    except (AttributeError, KeyError, TypeError, ValueError, ConfigError) as e:
+        raise StackLoadError(f"{path}: malformed index ({e})") from e
+    entries: list[StackIndexEntry] = []
+    seen: set[tuple[str, int]] = set()
+    for pos, raw in enumerate(raw_entries):
+        try:
+            domain, round_index, rel, sha = str(raw["domain"]), int(raw["round"]), str(raw["file"]), str(raw["sha256"])
+            dtype = getattr(torch, str(raw.get("dtype", "float32")), None)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise StackLoadError(f"{path}: malformed stack entry {pos} ({e})") from e
+        if not isinstance(dtype, torch.dtype):
+            raise StackLoadError(f"{path}: stack entry {pos} has unknown dtype {raw.get('dtype')!r}")
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # lexical check: symlinked folders are fine
+            raise StackLoadError(f"{path}: stack file {rel!r} is outside {directory}")
+        if (domain, round_index) in seen:
+            raise StackLoadError(f"{path}: stack {domain}/r{round_index} is listed twice")
+        seen.add((domain, round_index))
+        entries.append(StackIndexEntry(pos, domain, round_index, rel, sha, dtype))
+    if null_space is not None:
+        rel = str(null_space.get("file", "")) if isinstance(null_space, dict) else ""
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "sha256" not in null_space:
+            raise StackLoadError(f"{path}: malformed null_space entry {null_space!r}")
+    return StackIndex(path, config, fingerprint, entries, order, null_space)

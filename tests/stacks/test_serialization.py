@@ -144,3 +144,30 @@ def test_frozen_dtype_storage(tmp_path, tiny_batch):
     assert again.frozen_stacks[0].dtype == torch.bfloat16
     with again.ungated():
         assert torch.equal(logits(model2, tiny_batch), want)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda ix: ix["stacks"][0].update(file="../../outside.safetensors"), "outside"),
+    (lambda ix: ix["stacks"][0].update(file="/etc/passwd"), "outside"),
+    (lambda ix: ix["stacks"].append(dict(ix["stacks"][0])), "listed twice"),
+    (lambda ix: ix["stacks"][0].update(dtype="no_such_dtype"), "unknown dtype"),
+    (lambda ix: ix["stacks"][0].pop("sha256"), "malformed stack entry"),
+    (lambda ix: ix.update(format_version=999), "format version"),
+    (lambda ix: ix.pop("domain_order"), "malformed index"),
+])
+def test_bad_index_is_rejected_by_both_loaders(saved, edit, match):
+    """One index reader (`read_stack_index`) serves BrainStacks.load and the StackStore: same checks, same errors."""
+    from brainstacks_hooks.inference.store import StackStore
+
+    path, _ = saved
+    index = json.loads((path / "brainstacks.json").read_text())
+    edit(index)
+    (path / "brainstacks.json").write_text(json.dumps(index))
+    model = make_tiny_llama()
+    keys = set(model.state_dict())
+    with pytest.raises(StackLoadError, match=match):
+        BrainStacks.load(model, path)
+    _assert_untouched(model, keys)
+    stacks = BrainStacks.attach(model)
+    with pytest.raises(StackLoadError, match=match):
+        StackStore(stacks, path)
