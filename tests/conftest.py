@@ -34,6 +34,23 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def _add_random_stack(stacks, domain: str, seed: int, a_scale: float = 0.2, b_scale: float = 0.2) -> None:
+    """New stack for ``domain`` with seeded random A and B (non-zero, so it changes the output), frozen."""
+    stacks.new_stack(domain)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in stacks.active.items():
+            m.A.copy_(torch.randn(m.A.shape, generator=g) * a_scale)
+            m.B.copy_(torch.randn(m.B.shape, generator=g) * b_scale)
+    stacks.freeze_active()
+
+
+@pytest.fixture
+def add_random_stack():
+    """``add_random_stack(stacks, domain, seed, a_scale=0.2, b_scale=0.2)``: append a random frozen stack."""
+    return _add_random_stack
+
+
 @pytest.fixture
 def tiny_batch():
     g = torch.Generator().manual_seed(1)

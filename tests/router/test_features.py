@@ -45,16 +45,6 @@ def _count_forwards(model) -> list[int]:
     return calls
 
 
-def _add_random_stack(bs: BrainStacks, domain: str, seed: int) -> None:
-    bs.new_stack(domain)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in bs.active.items():
-            m.A.copy_(torch.randn(m.A.shape, generator=g) * 0.2)
-            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.2)
-    bs.freeze_active()
-
-
 def test_features_follow_the_recipe(tiny_llama):
     tok, recipe = CharTokenizer(), FeatureRecipe(seq_len=64)
     feats, mask = compute_features(tiny_llama, tok, PROMPTS, recipe, batch_size=2, progress=False)
@@ -76,11 +66,11 @@ def test_prompts_are_truncated_to_seq_len(tiny_llama):
     assert feats.shape[1] == 8 and mask.sum() == 8
 
 
-def test_features_are_base_only_with_stacks_attached(tiny_llama):
+def test_features_are_base_only_with_stacks_attached(tiny_llama, add_random_stack):
     tok, recipe = CharTokenizer(), FeatureRecipe(seq_len=64)
     bare, _ = compute_features(tiny_llama, tok, PROMPTS, recipe, progress=False)
     bs = BrainStacks.attach(tiny_llama, StackConfig())
-    _add_random_stack(bs, "chat", 1)
+    add_random_stack(bs, "chat", 1)
     with_stacks, _ = compute_features(bs, tok, PROMPTS, recipe, progress=False)
     assert torch.equal(bare, with_stacks)
     # Passing the bare model that has stacks attached is also base-only, whatever the current mode.

@@ -417,21 +417,6 @@ class CharTokenizer:
         return 96
 
 
-def _stacks(model):
-    from brainstacks_hooks import BrainStacks, StackConfig
-
-    bs = BrainStacks.attach(model, StackConfig())
-    for seed, domain in enumerate(["chat", "math"]):
-        bs.new_stack(domain)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, m in bs.active.items():
-                m.A.copy_(torch.randn(m.A.shape, generator=g) * 0.2)
-                m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.2)
-        bs.freeze_active()
-    return bs
-
-
 #: Two small examples of two source domains, shared by the real-model oracle tests.
 SMALL_EXAMPLES = [
     OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),
@@ -439,11 +424,22 @@ SMALL_EXAMPLES = [
 ]
 
 
-def test_stack_backend_end_to_end(tiny_llama, tmp_path):
+@pytest.fixture
+def two_domain_stacks(tiny_llama, add_random_stack):
+    """Random frozen stacks for chat and math on the tiny Llama."""
+    from brainstacks_hooks import BrainStacks, StackConfig
+
+    bs = BrainStacks.attach(tiny_llama, StackConfig())
+    for seed, domain in enumerate(["chat", "math"]):
+        add_random_stack(bs, domain, seed)
+    return bs
+
+
+def test_stack_backend_end_to_end(tiny_llama, two_domain_stacks, tmp_path):
     from brainstacks_hooks.data.formatting import encode_example
     from brainstacks_hooks.router.oracle import run_oracle_on_stacks, stacks_signature
 
-    bs = _stacks(tiny_llama)
+    bs = two_domain_stacks
     tok = CharTokenizer()
     exs = [
         *SMALL_EXAMPLES,
@@ -487,11 +483,11 @@ def test_stack_backend_end_to_end(tiny_llama, tmp_path):
     assert calls[0] > n
 
 
-def test_stack_backend_bf16_autocast(tiny_llama, tmp_path):
+def test_stack_backend_bf16_autocast(tiny_llama, two_domain_stacks, tmp_path):
     """bf16 oracle forwards: losses within bf16 noise of fp32, and a separate cache entry (recomputed)."""
     from brainstacks_hooks.router.oracle import run_oracle_on_stacks
 
-    bs, tok, exs = _stacks(tiny_llama), CharTokenizer(), SMALL_EXAMPLES
+    bs, tok, exs = two_domain_stacks, CharTokenizer(), SMALL_EXAMPLES
     c = RouterConfig(oracle_max_length=128, oracle_batch_size=2)
     calls = [0]
     tiny_llama.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))

@@ -9,16 +9,6 @@ from brainstacks_hooks.training import forgetting
 from brainstacks_hooks.training.validation import evaluate_loss
 
 
-def _freeze_random_stack(stacks: BrainStacks, domain: str, seed: int) -> None:
-    stacks.new_stack(domain)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in stacks.active.items():
-            m.A.copy_(torch.randn(m.A.shape, generator=g) * 0.2)
-            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.05)
-    stacks.freeze_active()
-
-
 def _val(seed: int) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -28,10 +18,10 @@ def _val(seed: int) -> list[dict[str, list[int]]]:
     return rows
 
 
-def test_forgetting_row_values_and_shared_evaluations(tiny_llama, monkeypatch):
+def test_forgetting_row_values_and_shared_evaluations(tiny_llama, add_random_stack, monkeypatch):
     stacks = BrainStacks.attach(tiny_llama, StackConfig(num_experts=2, rank=4))
     for i, d in enumerate(("chat", "code", "math")):
-        _freeze_random_stack(stacks, d, seed=i)
+        add_random_stack(stacks, d, seed=i, b_scale=0.05)
     val = {d: _val(i) for i, d in enumerate(("chat", "code", "math"))}
 
     calls = []
