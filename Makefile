@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,bnb
+EXTRAS ?= dev,bnb,eval
 DATA_DIR ?= $(abspath ../shared/data)
 BIN := $(VENV)/bin
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "BrainStacks": "brainstacks_hooks.stacks.brainstacks",
@@ -26,6 +26,10 @@ _LAZY = {
     "StackBypassed": "brainstacks_hooks.errors",
     "StackLoadError": "brainstacks_hooks.errors",
     "StackStateError": "brainstacks_hooks.errors",
+    "RunDirError": "brainstacks_hooks.errors",
+    "TrainingError": "brainstacks_hooks.errors",
+    "RunDir": "brainstacks_hooks.run_dir",
+    "RunConfig": "brainstacks_hooks.run_config",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

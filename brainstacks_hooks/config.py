@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .configs import resolve_config
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -32,6 +33,14 @@ def _unwrap_optional(tp: Any) -> Any:
         if len(args) == 1:
             return args[0]
     return tp
+
+
+def _as_float(value: int | str, where: str) -> float:
+    """``1e-4`` is a string in YAML 1.1 (PyYAML): accept it, and ints, where a float is declared."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
@@ -58,6 +67,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
                          for i, v in enumerate(value)]
         elif origin is tuple and isinstance(value, list):
             value = tuple(value)
+        elif tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = _as_float(value, f"{path}{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -82,26 +93,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
         node: Any = data
         parts = dotted.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i]) or "the top level"
+            last = i == len(parts) - 1
             if isinstance(node, list):
-                node = node[int(part)]
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {where} is a list; {part!r} must be an index from 0 to "
+                                      f"{len(node) - 1}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+                raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping")
     return data
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
-    """Read YAML ``path`` (or start empty), apply overrides and build ``cls``."""
+    """Read YAML ``path`` (or start empty), apply overrides and build ``cls``.
+
+    ``path`` is a file or the name of a config shipped in the package (``"quickstart_cpu"``, see
+    :mod:`brainstacks_hooks.configs`); an existing file wins.
+
+    Raises:
+        ConfigError: no such file or shipped config (the message lists the shipped ones), invalid YAML, an
+            unknown key or a malformed override.
+    """
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
@@ -111,4 +142,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return from_dict(cls, apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}{' with overrides' if overrides else ''}: {e}") from e

@@ -18,6 +18,10 @@ STACK_FORMAT_VERSION = 1
 ROUTER_FORMAT_VERSION = 1
 
 STACKS_INDEX_FILE = "brainstacks.json"
+#: Version of ``brainstacks.json``: 2 lists one null-space file per domain; 1 (one file for all) is still read.
+STACKS_INDEX_VERSION = 2
+READABLE_INDEX_VERSIONS = (1, 2)
+#: The single null-space file of a version-1 stacks index (read for old directories, never written).
 NULL_SPACE_FILE = "null_space.safetensors"
 MANIFEST_FILE = "manifest.json"
 

@@ -26,6 +26,14 @@ class FingerprintMismatch(StackLoadError):
     """The saved stacks were trained on a different base model (config or projection shapes differ)."""
 
 
+class RunDirError(StackLoadError):
+    """A run directory is missing, of an old layout, unfinished for the asked phase, or inconsistent."""
+
+
+class TrainingError(BrainstacksError, RuntimeError):
+    """Training cannot produce a usable result with the current settings (e.g. a domain learned nothing)."""
+
+
 class StackBypassed(BrainstacksError, RuntimeError):
     """A forward pass ran while the hook of an attached projection did not fire.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .errors import ConfigError
+from .configs import config_path
 from .utils.io import atomic_write_json
 from .utils.logging import get_logger
 
@@ -29,7 +29,6 @@ PAPER_PROMPTS = (
     "A patient must take 500 mg of a medicine per day, split into 3 equal doses. How many mg is each dose?",
 )
 MODES = ("base", "ungated", "routed")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
 @dataclass
@@ -43,12 +42,10 @@ class QuickstartResult:
 
 
 def quickstart_configs(fast: bool) -> tuple[Path, Path]:
-    """Paths of the SFT and router YAML configs of the quickstart (``--fast``: the smaller pair)."""
-    sft = CONFIG_DIR / ("quickstart_fast.yaml" if fast else "quickstart_cpu.yaml")
-    router = CONFIG_DIR / ("router_quickstart_fast.yaml" if fast else "router_quickstart.yaml")
-    if not sft.is_file() or not router.is_file():
-        raise ConfigError(f"quickstart configs not found in {CONFIG_DIR}; run from a clone of the repository")
-    return sft, router
+    """Paths of the quickstart's SFT and router configs (``--fast``: the smaller pair), shipped in the package."""
+    if fast:
+        return config_path("quickstart_fast"), config_path("router_quickstart_fast")
+    return config_path("quickstart_cpu"), config_path("router_quickstart")
 
 
 def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_new_tokens: int | None = None,

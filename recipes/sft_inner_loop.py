@@ -1,6 +1,6 @@
 """Residual boosting for one domain of a config (the inner loop alone).
 
-    python recipes/sft_inner_loop.py recipes/configs/quickstart_cpu.yaml code [overrides ...]
+    python recipes/sft_inner_loop.py quickstart_cpu code [overrides ...]
 
 Trains only ``DOMAIN`` (on the bare base) into ``<output_dir>-<domain>``; prints each round's decision.
 """

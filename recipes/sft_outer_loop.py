@@ -1,6 +1,6 @@
 """SFT over all domains of a config: inner loop per domain, curriculum order, null space, resume.
 
-    python recipes/sft_outer_loop.py recipes/configs/quickstart_cpu.yaml [train.max_steps=40 ...]
+    python recipes/sft_outer_loop.py quickstart_cpu [train.max_steps=40 ...]
 
 Same as ``brainstacks train CONFIG``. Rerun the same command after a crash to resume.
 """

@@ -1,6 +1,6 @@
 """Train the meta-router of a finished SFT run: outcome oracle, cached features, router, report.
 
-    python recipes/train_router.py recipes/configs/router_quickstart.yaml [run_dir=runs/x router.epochs=4 ...]
+    python recipes/train_router.py router_quickstart [run_dir=runs/x router.epochs=4 ...]
 
 Same as ``brainstacks router RUN_DIR --config YAML``. Everything lands in ``RUN_DIR/router``: the router
 (``router.json`` + ``router.safetensors``), the oracle and feature caches (a rerun recomputes nothing that

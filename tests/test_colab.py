@@ -22,10 +22,13 @@ def test_colab_notebook_executes_end_to_end(tmp_path, data_dir, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("BRAINSTACKS_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_CONFIG", "recipes/configs/quickstart_fast.yaml")
+    monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_CONFIG", "quickstart_fast")
     monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_RUN_DIR", str(run_dir))
     monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_SFT_OVERRIDES", " ".join(
-        ["train.max_steps=2", "train.eval_steps=2", "train.max_length=96"]
+        # 3 steps at 5e-4 without warmup: enough for every domain's first round to lower its loss (a domain
+        # that learns nothing now stops the run instead of silently ending with no stack)
+        ["train.max_steps=3", "train.eval_steps=3", "train.warmup_steps=0", "train.learning_rate=5e-4",
+         "train.max_length=96"]
         + [f"domains.{i}.{k}" for i in range(3) for k in ("train_samples=8", "val_samples=3")]))
     monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_ROUTER_OVERRIDES", "samples_per_domain=2 val_samples_per_domain=2 "
                        "mixed_pairs=1 val_mixed_pairs=1 timing_prompts=1 generation_prompts=0 router.epochs=2 "

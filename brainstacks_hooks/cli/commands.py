@@ -18,16 +18,20 @@ class Command:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML run config (see recipes/configs/)")
+    p.add_argument("config", help="YAML run config: a file or a shipped config name (`brainstacks configs`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=runs/x")
 
 
 def _train(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..training.config import RunConfig
+
+    config = load_config(RunConfig, args.config, args.overrides)  # a bad config fails before the heavy imports
+    from ..models.backend_bnb import import_peft_without_bitsandbytes
+
+    import_peft_without_bitsandbytes()  # bitsandbytes only for the bnb4 backend (see its docstring)
     from ..training.outer_loop import run_sft, summary_table
 
-    config = load_config(RunConfig, args.config, args.overrides)
     run = run_sft(config)
     print(summary_table(run.manifest))
     print(f"\nstacks: {run.run_dir / 'stacks'}   manifest: {run.manifest.path}   "
@@ -72,7 +76,7 @@ def _allow_intermixed(p: argparse.ArgumentParser) -> None:
 
 def _router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="finished SFT run directory (manifest.json and stacks/)")
-    p.add_argument("--config", help="YAML router pipeline config (see recipes/configs/router_quickstart.yaml)")
+    p.add_argument("--config", help="YAML router pipeline config: a file or a shipped name (router_quickstart)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. router.epochs=4 mixed_pairs=16")
     _allow_intermixed(p)
 
@@ -99,7 +103,7 @@ def _route(args: argparse.Namespace) -> int:
     import json
 
     from ..router.gating import route_prompts
-    from ..router.pipeline import load_run_router
+    from ..router.serving import load_run_router
 
     router, meta, model, tokenizer = load_run_router(args.run_dir)
     (route,) = route_prompts(model, tokenizer, router, meta, [(args.prompt, args.input)], batch_size=1)
@@ -119,7 +123,57 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="configs_command", metavar="{cp}")
+    cp = sub.add_parser("cp", help="copy a shipped config out for editing", description="copy a shipped config "
+                        "out for editing; pass the copy's path to `brainstacks train` or `--config`")
+    cp.add_argument("name", help="shipped config name, e.g. quickstart_cpu")
+    cp.add_argument("dest", help="destination file, or a directory to copy NAME.yaml into")
+
+
+def _configs(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from ..configs import config_path, describe_config, list_configs
+    from ..errors import ConfigError
+
+    if args.configs_command is None:
+        for name in list_configs():
+            print(f"{name:<24} {describe_config(name)}")
+        return 0
+    src = config_path(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        raise ConfigError(f"{dest} already exists; not overwriting it")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"cannot copy to {dest}: directory {dest.parent} does not exist")
+    shutil.copyfile(src, dest)
+    print(f"copied {src.name} to {dest}")
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by brainstacks-hooks 0.1 (layout 1: each stack stored twice)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..run_dir import RunDir
+
+    run = RunDir.convert_legacy(args.run_dir)
+    n = len(run.stack_identity())
+    print(f"{run.path}: layout 2, {n} stacks, each stored once ({run.stacks_dir}); retrain the router if "
+          "`brainstacks route` refuses it")
+    return 0
+
+
 COMMANDS += [
+    Command("convert-run", "convert a run directory of the old layout in place (keeps every stack, drops duplicates)",
+            _convert_args, _convert),
+    Command("configs", "list the configs shipped in the package; `configs cp NAME DEST` copies one out to edit",
+            _configs_args, _configs),
     Command("router", "train the meta-router of a finished SFT run (oracle, features, training, report)",
             _router_args, _router),
     Command("route", "route one prompt with a run's router: weights per domain, gated-on domains, gap flag",

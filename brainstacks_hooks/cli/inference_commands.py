@@ -15,7 +15,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--budget-mb", type=float, default=None, help="device byte budget of the stack cache")
+    p.add_argument("--budget-mb", type=float, default=None,
+                   help="device budget of the stack cache in MiB (stacks + their grouped copy); default: half the "
+                        "free GPU memory / a quarter of the available RAM; 0 = unlimited")
 
 
 def _settings(args: argparse.Namespace):
@@ -26,10 +28,27 @@ def _settings(args: argparse.Namespace):
                               repetition_penalty=args.repetition_penalty)
 
 
+def check_mode(mode: str, domains: list[str] | None = None) -> None:
+    """Reject a malformed ``--mode`` (and, given the run's domains, one naming a domain the run lacks).
+
+    Raises:
+        ConfigError: e.g. ``unknown domain 'nosuch' in mode 'prefix:nosuch'; known domains: chat, code, math``.
+    """
+    if mode == "routed":
+        return
+    from ..stacks.modes import Mode, domain_weights
+
+    parsed = Mode.parse(mode)
+    if domains is not None:
+        domain_weights(parsed, list(domains))
+
+
 def _load(args: argparse.Namespace):
     from ..inference.routed_model import RoutedModel
 
-    budget = int(args.budget_mb * 2**20) if args.budget_mb else None
+    check_mode(args.mode)  # a typo in the mode fails before the model loads
+
+    budget = "auto" if args.budget_mb is None else (int(args.budget_mb * 2**20) or None)
     return RoutedModel.from_run(args.run_dir, budget_bytes=budget, require_router=args.mode == "routed")
 
 
@@ -52,6 +71,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     model = _load(args)
+    check_mode(args.mode, model.store.domains)
     for g in model.generate(args.prompt, mode=args.mode, settings=_settings(args)):
         if args.json:
             print(json.dumps({"prompt": g.prompt, "text": g.text, "explain": g.explain.to_dict()}))
@@ -69,6 +89,7 @@ def _chat(args: argparse.Namespace) -> int:
     from ..inference.routed_model import Generation
 
     model = _load(args)
+    check_mode(args.mode, model.store.domains)
     settings = _settings(args)
     print("brainstacks chat: one prompt per line; ':mode ungated' switches mode; ':quit' exits.", flush=True)
     mode = args.mode
@@ -79,7 +100,13 @@ def _chat(args: argparse.Namespace) -> int:
         if prompt in (":quit", ":q"):
             break
         if prompt.startswith(":mode "):
-            mode = prompt.split(None, 1)[1]
+            requested = prompt.split(None, 1)[1]
+            try:
+                check_mode(requested, model.store.domains)
+            except BrainstacksError as e:
+                print(f"error: {e} (mode stays {mode})", flush=True)
+                continue
+            mode = requested
             print(f"(mode: {mode})", flush=True)
             continue
         try:
@@ -100,7 +127,9 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from ..models.backend_bnb import import_peft_without_bitsandbytes
     from ..quickstart import run_quickstart
 
+    import_peft_without_bitsandbytes()  # the quickstart uses the hf backend: no bitsandbytes
     run_quickstart(fast=args.fast, overrides=args.overrides, max_new_tokens=args.max_new_tokens)
     return 0

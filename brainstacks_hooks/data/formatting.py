@@ -206,6 +206,53 @@ def encode_example(
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """:func:`encode_example` over rows (``instruction``, ``input``, ``output``, ``id``).
+
+    Returns the encoded examples (each with its row ``id``) and how many rows were too long to keep.
+    """
+    out, overlong = [], 0
+    for r in rows:
+        ex = encode_example(tokenizer, r["instruction"], r.get("input", "") or "", r["output"], max_length)
+        if ex is None:
+            overlong += 1
+            continue
+        out.append({**ex, "id": r["id"]})
+    return out, overlong
+
+
+def encode_prompt_batch(
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str] | str],
+    max_length: int | None = None,
+    system: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts, each token for token what :func:`encode_prompt` (and so training) gives.
+
+    This is how generation and evaluation feed prompts to the model: left padding keeps every prompt's last
+    token at the end of the row, where generation continues.
+
+    Returns:
+        ``{"input_ids": [B, L], "attention_mask": [B, L]}`` (int64; padding is ``pad_token_id`` with mask 0).
+    """
+    if not prompts:
+        raise ValueError("encode_prompt_batch needs at least one prompt")
+    rows = []
+    for p in prompts:
+        instruction, inp = (p, "") if isinstance(p, str) else p
+        rows.append(encode_prompt(tokenizer, instruction, inp, max_length=max_length, system=system)["input_ids"])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    pad = int(pad) if pad is not None else 0
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)  # [B, L]
+    mask = torch.zeros(len(rows), length, dtype=torch.long)  # [B, L]
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _as_list(value: Any) -> list[int]:
     if isinstance(value, torch.Tensor):
         return value.tolist()

@@ -14,21 +14,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..constants import MANIFEST_FILE
-from ..data.formatting import format_prompt
+from ..data.formatting import encode_prompt_batch
 from ..errors import ConfigError
-from ..models.loading import load_base_model
 from ..router.gating import Route, route_prompts
 from ..router.serialization import load_router
+from ..router.serving import router_fingerprint
+from ..run_dir import RunDir
 from ..stacks.brainstacks import BrainStacks
-from ..stacks.config import StackConfig
-from ..stacks.modes import Mode
-from ..utils.io import read_json
+from ..stacks.modes import Mode, domain_weights
 from ..utils.logging import get_logger
 from .store import StackStore
 
@@ -88,24 +85,32 @@ class RoutedModel:
         self.use_cache = getattr(model, "_brainstacks_backend", None) != "unsloth"  # Unsloth fast decode skips hooks
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, *, budget_bytes: int | None = None,
-                 model: Any = None, tokenizer: Any = None, require_router: bool = False) -> RoutedModel:
-        """Load the base model named in the run's manifest, a stack store on ``run_dir/stacks`` and the router."""
-        run_dir = Path(run_dir)
-        manifest = read_json(run_dir / MANIFEST_FILE)
-        cfg = manifest["config"]
+    def from_run(cls, run_dir: str | os.PathLike | RunDir, *, budget_bytes: int | str | None = "auto",
+                 model: Any = None, tokenizer: Any = None, require_router: bool = False,
+                 allow_stack_mismatch: bool = False) -> RoutedModel:
+        """Load the run's base model, a stack store on its ``stacks/`` and its router (bound to those stacks).
+
+        ``budget_bytes`` is the store's device budget (``"auto"``: see
+        :func:`~brainstacks_hooks.inference.store.default_budget_bytes`; ``None``: unlimited).
+
+        Raises:
+            RunDirError: ``run_dir`` is not a run directory (or of the old layout).
+            StackLoadError: the router was trained on other stacks (unless ``allow_stack_mismatch``).
+            ConfigError: ``require_router`` and the run has no router.
+        """
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
         if model is None:
-            m = cfg["model"]
-            model, tokenizer = load_base_model(m["name_or_path"], backend=m["backend"], dtype=m["dtype"],
-                                               revision=m.get("revision"), max_seq_length=m.get("max_seq_length", 2048))
+            model, tokenizer = run.load_base()
         model.eval()
-        stacks = BrainStacks.attach(model, StackConfig.from_dict(cfg["stack"]))
-        store = StackStore(stacks, run_dir / "stacks", budget_bytes=budget_bytes)
         router = meta = None
-        if (run_dir / "router" / "router.json").is_file():
-            router, meta = load_router(run_dir / "router", expected_fingerprint=stacks.fingerprint_dict())
+        if (run.router_dir / "router.json").is_file():  # checked before hooks are attached to the model
+            router, meta = load_router(run.router_dir, expected_fingerprint=router_fingerprint(model, run.stack_config),
+                                       expected_stacks=run.stack_index().identity(),
+                                       allow_stack_mismatch=allow_stack_mismatch)
         elif require_router:
-            raise ConfigError(f"{run_dir / 'router'}: no trained router; run `brainstacks router {run_dir}` first")
+            raise ConfigError(f"{run.router_dir}: no trained router; run `brainstacks router {run.path}` first")
+        stacks = BrainStacks.attach(model, run.stack_config)
+        store = StackStore(stacks, run.stacks_dir, budget_bytes=budget_bytes)
         return cls(model, tokenizer, stacks, store, router, meta)
 
     # ------------------------------------------------------------------ routing
@@ -116,16 +121,7 @@ class RoutedModel:
         return route_prompts(self.stacks, self.tokenizer, self.router, self.router_meta, list(prompts))
 
     def _weights_for(self, mode: Mode) -> dict[str, float]:
-        domains = self.store.domains
-        if mode.kind == "base_only":
-            return {}
-        if mode.kind in ("ungated", "reference", "train"):
-            return dict.fromkeys(domains, 1.0)
-        if mode.kind == "prefix":
-            return dict.fromkeys(domains[: domains.index(mode.domain) + 1], 1.0)
-        if mode.kind == "isolated":
-            return {mode.domain: 1.0}
-        return dict(mode.weights or ())
+        return domain_weights(mode, self.store.domains)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], mode: str = "routed",
@@ -174,13 +170,7 @@ class RoutedModel:
     @torch.no_grad()
     def _generate_batch(self, prompts: list[str], s: GenerationSettings, streamer: Any) -> tuple[list[str], list[int]]:
         tok = self.tokenizer
-        texts = [format_prompt(tok, p) for p in prompts]
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
+        enc = encode_prompt_batch(tok, prompts)  # token for token the prompts of training, left-padded
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         kwargs: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,

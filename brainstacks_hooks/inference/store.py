@@ -26,9 +26,14 @@ Tiers and budgets (all byte counts are parameter bytes, :meth:`Stack.nbytes`):
   disk read. On a CPU-only machine the compute device *is* host RAM, so the second tier adds nothing
   that a larger ``budget_bytes`` would not give (it works, without copies, but is pointless).
 
-Memory outside the budget: with ``StackConfig.group_frozen`` the hooks keep a concatenated copy of the
-stacks of (at most) the two most recent stack sets per projection (``BrainStacks`` group cache), so the
-peak is about ``budget_bytes + 2 * (bytes of one route)``.
+The budget is bounded by default (``budget_bytes="auto"``, see :func:`default_budget_bytes`: half the free
+memory of a CUDA device when the store is created, a quarter of the available RAM on the CPU) and covers
+everything the store makes the hooks hold on the device: with ``StackConfig.group_frozen`` the hooks compute
+a route from one concatenated copy of its stacks per projection (the ``BrainStacks`` group cache); the store
+limits that cache to the current route and counts the copy against the budget, so a route of ``n`` stack
+bytes needs about ``2 n`` (``n`` with ``group_frozen=False``). With ``StackConfig.offload_frozen`` the stacks
+and their grouped copies stay in host RAM and nothing is held on the accelerator. ``budget_bytes=None`` is
+unlimited (nothing is evicted).
 """
 
 from __future__ import annotations
@@ -55,19 +60,40 @@ from ..errors import ConfigError, FingerprintMismatch, StackLoadError, StackStat
 from ..stacks.brainstacks import BrainStacks
 from ..stacks.modes import Mode
 from ..stacks.serialization import (
+    PARAM_NAMES,
     check_config_compatible,
     check_fingerprint,
     read_stack_index,
     read_stack_metadata,
 )
-from ..stacks.stack import _UIDS, Stack
+from ..stacks.stack import Stack
+from ..utils.dtypes import SAFETENSORS_CODES
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-_PARAM_NAMES = ("A", "B", "router", "noise")
+
+def default_budget_bytes(device: torch.device | str) -> int:
+    """The store's default device budget: half the free memory of a CUDA device, a quarter of available RAM.
+
+    Measured when called (create the store after loading the model). RAM is read from ``/proc/meminfo``
+    (``MemAvailable``), falling back to ``os.sysconf``; 4 GiB when neither is readable.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 4
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (AttributeError, OSError, ValueError):
+        return 4 << 30
 #: safetensors dtype codes of the dtypes a frozen stack can have.
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 #: Meta-device Stack skeletons by (config, shapes, dtype), cloned for every load (they hold no memory).
 _TEMPLATES: dict[tuple[str, tuple[tuple[str, tuple[int, int]], ...], torch.dtype], Stack] = {}
 
@@ -191,6 +217,7 @@ class _Layout:
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     nbytes: int = 0
+    group_nbytes: int = 0  # what the hooks' grouped copy of the stack holds (A, router, B)
 
 
 def _file_signature(st: os.stat_result) -> tuple[int, int, int]:
@@ -223,7 +250,8 @@ class StackStore:
             any, must not belong to the index's domains).
         directory: a directory written by :meth:`BrainStacks.save` (``brainstacks.json`` + stack files).
             The index is read once here; calls never rescan the directory.
-        budget_bytes: device-tier budget in parameter bytes (``None``: unlimited, nothing is evicted).
+        budget_bytes: device budget in parameter bytes, stacks plus the hooks' grouped copy of the current
+            route (``"auto"``, the default: :func:`default_budget_bytes`; ``None``: unlimited, nothing evicted).
         host_budget_bytes: host-tier budget (``0``: no host tier, ``None``: unlimited). Pointless on a
             CPU-only machine (see the module docstring).
         device: where stacks are computed; default: the model's device (CPU when the model spans
@@ -242,20 +270,26 @@ class StackStore:
     after the model is on its final device: stacks are placed on ``device`` when they are loaded.
     """
 
-    def __init__(self, stacks: BrainStacks, directory: str | os.PathLike, budget_bytes: int | None = None,
+    def __init__(self, stacks: BrainStacks, directory: str | os.PathLike, budget_bytes: int | str | None = "auto",
                  host_budget_bytes: int | None = 0, device: torch.device | str | None = None,
                  allow_fingerprint_mismatch: bool = False) -> None:
+        if isinstance(budget_bytes, str) and budget_bytes != "auto":
+            raise ConfigError(f"budget_bytes must be a byte count, 'auto' or None (got {budget_bytes!r})")
         for label, value in (("budget_bytes", budget_bytes), ("host_budget_bytes", host_budget_bytes)):
-            if value is not None and value < 0:
+            if isinstance(value, int) and value < 0:
                 raise ConfigError(f"{label} must be >= 0 or None (got {value})")
         self.stacks = stacks
         self.directory = Path(directory)
-        self.budget_bytes = budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.device = torch.device(device) if device is not None else self._default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
+        self.budget_bytes: int | None = default_budget_bytes(self.device) if budget_bytes == "auto" else budget_bytes
+        # the hooks' grouped copy of a route lives on the compute device unless frozen stacks are offloaded
+        self._grouped = stacks.config.group_frozen and not stacks.config.offload_frozen
+        if self._grouped and self.budget_bytes is not None:
+            stacks.group_cache_size = 1  # only the current route's copy, counted in the budget
         self._cuda = self.device.type == "cuda"
         if self.host_budget_bytes != 0 and self.device.type == "cpu":
             logger.info("host tier on a CPU device: stacks evicted from the device tier stay in the same RAM "
@@ -276,6 +310,7 @@ class StackStore:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._pending: dict[str, tuple[Future[_Read], int]] = {}  # name -> (read, device bytes reserved)
         self._pending_bytes = 0
+        self._group_reserved = 0
         self._hash_pool: ThreadPoolExecutor | None = None
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._side_stream: Any = None
@@ -288,7 +323,7 @@ class StackStore:
     def _default_device(self) -> torch.device:
         if self.stacks.config.offload_frozen:
             return torch.device("cpu")
-        devices = {self.stacks._device_of(k) for k in self.stacks.keys}
+        devices = {self.stacks.device_of(k) for k in self.stacks.keys}
         return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
     def _read_index(self) -> None:
@@ -314,9 +349,11 @@ class StackStore:
             layout = _Layout()
             for key, (d_in, d_out) in self.stacks.shapes.items():
                 shapes = {"A": (E, r, d_in), "B": (E, d_out, r), "router": (E, d_in), "noise": (E, d_in)}
-                for name in _PARAM_NAMES:
+                for name in PARAM_NAMES:
                     layout.shapes[f"{key}.{name}"] = shapes[name]
                     layout.nbytes += math.prod(shapes[name]) * elem
+                    if name != "noise":  # the grouped copy holds A, router and B
+                        layout.group_nbytes += math.prod(shapes[name]) * elem
             self._layouts[dtype] = layout
         return layout
 
@@ -398,16 +435,21 @@ class StackStore:
                 base function: never a partial route), the cache keeps what it had, and other routes work.
         """
         positive, needed = self._route(weights)
-        need_bytes = sum(e.nbytes for e in needed)
+        group_bytes = self._group_bytes(needed)
+        need_bytes = sum(e.nbytes for e in needed) + group_bytes
         if self.budget_bytes is not None and need_bytes > self.budget_bytes:
             raise StackBudgetError(
-                f"route {sorted(positive)} needs {need_bytes} bytes of stacks ({len(needed)} stacks), more than "
-                f"the device budget of {self.budget_bytes} bytes; raise budget_bytes or route fewer domains")
+                f"route {sorted(positive)} needs {need_bytes} bytes ({len(needed)} stacks"
+                + (f" and their grouped copy of {group_bytes} bytes" if group_bytes else "")
+                + f"), more than the device budget of {self.budget_bytes} bytes; raise budget_bytes or route "
+                "fewer domains")
+        self._group_reserved = group_bytes
         self._collect_prefetches(wait=True)
         keep = {e.name for e in needed}
         hits, host_hits, loaded, evicted = [], [], [], []
         bytes_before, ms_before = self._stats.bytes_read, self._stats.load_ms
         try:
+            evicted += self._make_room(0, keep)  # a larger grouped copy may need room even when all stacks hit
             for e in needed:
                 if e.name in self._device_tier:
                     self._device_tier.move_to_end(e.name)
@@ -488,12 +530,27 @@ class StackStore:
             self._attached.remove(name)
 
     # ------------------------------------------------------------------ tiers
+    def route_nbytes(self, weights: Mapping[str, float]) -> int:
+        """Bytes a route needs on the device: its stacks plus the hooks' grouped copy of them."""
+        _, needed = self._route(weights)
+        return sum(e.nbytes for e in needed) + self._group_bytes(needed)
+
+    def _group_bytes(self, entries: list[StackEntry]) -> int:
+        """Bytes of the hooks' grouped copy of a route (0 when stacks are not grouped on the device)."""
+        if not self._grouped or not entries:
+            return 0
+        return sum(self._layout(e.dtype).group_nbytes for e in entries)
+
+    def device_bytes(self) -> int:
+        """Bytes counted against the budget now: resident stacks, in-flight prefetches and the grouped copy."""
+        return self._tier_bytes(self._device_tier) + self._pending_bytes + self._group_reserved
+
     def _make_room(self, nbytes: int, keep: set[str]) -> list[str]:
         """Evict least recently used device stacks (never those in ``keep``) until ``nbytes`` fit."""
         if self.budget_bytes is None:
             return []
         evicted = []
-        used = self._tier_bytes(self._device_tier) + self._pending_bytes
+        used = self.device_bytes()
         for name in list(self._device_tier):
             if used + nbytes <= self.budget_bytes:
                 break
@@ -642,7 +699,7 @@ class StackStore:
                 raise StackLoadError(f"malformed header entry for {key} ({e})") from e
             if found != shape:
                 raise StackLoadError(f"{key} has shape {found}, expected {shape}")
-            if code != _ST_DTYPES.get(dtype):
+            if code != SAFETENSORS_CODES.get(dtype):
                 raise StackLoadError(f"{key} has dtype {code}, metadata says {dtype}")
             nbytes = math.prod(shape) * elem
             if end - begin != nbytes or begin % elem or start + end > size:
@@ -675,8 +732,7 @@ class StackStore:
                                                dtype=entry.dtype, device="meta")
         stack = _clone_module(template)
         assert isinstance(stack, Stack)
-        stack.config, stack.keys = self.stacks.config, list(self.stacks.keys)
-        stack.domain, stack.round_index, stack.uid = entry.domain, entry.round_index, next(_UIDS)
+        stack.relabel(entry.domain, entry.round_index, self.stacks.config, self.stacks.keys)
         self._bind(stack, entry.dtype, read.buf, read.items)
         stack.frozen = True
         stack.train(False)
@@ -741,7 +797,7 @@ class StackStore:
     def _fits_free(self, nbytes: int) -> bool:
         if self.budget_bytes is None:
             return True
-        return self._tier_bytes(self._device_tier) + self._pending_bytes + nbytes <= self.budget_bytes
+        return self.device_bytes() + nbytes <= self.budget_bytes
 
     def _fits_host_free(self, nbytes: int) -> bool:
         if self.host_budget_bytes == 0:

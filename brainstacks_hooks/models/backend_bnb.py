@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..utils.import_utils import require_bitsandbytes
+from ..utils.import_utils import is_peft_available, require_bitsandbytes
 from ..utils.logging import get_logger
 from .backend_hf import load_tokenizer
 
@@ -165,3 +165,33 @@ def allow_hook_adapter_training(model: Any) -> Iterator[None]:
                 setattr(module, _VALIDATOR_NAME, previous)
             else:
                 logger.warning("%s.%s was replaced inside the context; not restoring", module.__name__, _VALIDATOR_NAME)
+
+
+#: Cached availability checks that a hidden bitsandbytes could have answered with False.
+_BNB_AVAILABILITY_CHECKS = (("transformers.utils.import_utils", "is_bitsandbytes_available"),
+                            ("peft.import_utils", "is_bnb_available"), ("peft.import_utils", "is_bnb_4bit_available"))
+
+
+def import_peft_without_bitsandbytes() -> None:
+    """Import peft, when it is installed, without letting it import bitsandbytes.
+
+    ``transformers.trainer_utils`` (so every HF/TRL trainer) imports peft whenever it is installed (the ``dev``
+    and ``eval`` extras install it), and peft imports bitsandbytes whenever *that* is installed
+    (``peft.helpers``), which on a CPU prints bitsandbytes' "Failed to load CPU gemm_4bit_forward" warning
+    even when no model is quantized. Called before the trainer stack is imported, this keeps bitsandbytes out
+    of ``sys.modules`` until the ``bnb4`` backend (or peft's bnb layers) import it; it stays fully importable.
+    The one trace left: ``peft.helpers.bnb`` is ``None`` (peft's adapter-rescaling helper for bnb layers,
+    which Brainstacks does not use). Does nothing when peft is missing or peft or bitsandbytes is imported.
+    """
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules or not is_peft_available():
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import bitsandbytes` raises ImportError
+    try:
+        importlib.import_module("peft")
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for module, name in _BNB_AVAILABILITY_CHECKS:
+            cache_clear = getattr(getattr(sys.modules.get(module), name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()

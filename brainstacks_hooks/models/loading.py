@@ -14,6 +14,7 @@ import torch
 
 from ..constants import EMBEDDED_MODEL_NAME
 from ..errors import ConfigError
+from ..utils.dtypes import parse_dtype
 from ..utils.import_utils import require_bitsandbytes
 from ..utils.logging import get_logger
 
@@ -25,18 +26,6 @@ logger = get_logger(__name__)
 #: Backend names accepted by :func:`load_base_model`.
 BACKENDS: tuple[str, ...] = ("hf", "bnb4", "unsloth")
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     """Map a dtype name (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` and short forms) to a dtype.
 
@@ -45,13 +34,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     Raises:
         ConfigError: an unknown name or type.
     """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ConfigError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)} or a torch.dtype")
+    if dtype is None:
+        return None
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise ConfigError(f"unknown dtype {dtype!r}; give a name such as 'bfloat16' or a torch.dtype")
+    return parse_dtype(dtype, allow_auto=True)
 
 
 def resolve_model_path(name_or_path: str) -> str:

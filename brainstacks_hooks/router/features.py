@@ -42,6 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import StackLoadError
+from ..loss import eval_mode
+from ..utils.dtypes import DTYPES
 from ..utils.io import atomic_write_json, load_safetensors_checked, read_json, save_safetensors_atomic
 from ..utils.logging import get_logger
 from .config import FeatureRecipe
@@ -49,7 +51,6 @@ from .config import FeatureRecipe
 logger = get_logger(__name__)
 
 FEATURE_CACHE_FORMAT_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 #: A prompt: plain instruction text, an ``(instruction, input)`` pair, or a mapping with those keys.
 PromptLike = str | tuple[str, str] | Mapping[str, str]
@@ -177,37 +178,32 @@ def features_from_ids(
     lengths = torch.tensor([len(x) for x in ids])  # [N]
     S = int(lengths.max())
     device = next(hf.parameters()).device
-    dtype = _DTYPES[recipe.dtype]
+    dtype = DTYPES[recipe.dtype]
     order = sorted(range(n), key=lambda i: -len(ids[i]))  # longest first: little padding per batch
     features: torch.Tensor | None = None
-    was_training = hf.training
-    hf.eval()
-    try:
-        with _base_only(model):
-            batches = range(0, n, batch_size)
-            for start in tqdm(batches, desc="router features", disable=not progress):
-                rows = order[start : start + batch_size]
-                L = len(ids[rows[0]])
-                input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [b, L]
-                mask = torch.zeros(len(rows), L, dtype=torch.long)  # [b, L]
-                for j, i in enumerate(rows):
-                    input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[j, : len(ids[i])] = 1
-                out = hf(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    output_hidden_states=True,
-                    use_cache=False,
-                )
-                hs = out.hidden_states  # (n_layers + 1) x [b, L, D]
-                mid = len(hs) // 2
-                f = recipe.mid_weight * hs[mid].float() + recipe.last_weight * hs[-1].float()  # [b, L, D]
-                f = f * mask.to(f.device).unsqueeze(-1)  # zero padded positions
-                if features is None:
-                    features = torch.zeros(n, S, f.shape[-1], dtype=dtype)  # [N, S, D]
-                features[rows, :L] = f.to("cpu", dtype)
-    finally:
-        hf.train(was_training)
+    with eval_mode(hf), _base_only(model):
+        batches = range(0, n, batch_size)
+        for start in tqdm(batches, desc="router features", disable=not progress):
+            rows = order[start : start + batch_size]
+            L = len(ids[rows[0]])
+            input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [b, L]
+            mask = torch.zeros(len(rows), L, dtype=torch.long)  # [b, L]
+            for j, i in enumerate(rows):
+                input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
+                mask[j, : len(ids[i])] = 1
+            out = hf(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            hs = out.hidden_states  # (n_layers + 1) x [b, L, D]
+            mid = len(hs) // 2
+            f = recipe.mid_weight * hs[mid].float() + recipe.last_weight * hs[-1].float()  # [b, L, D]
+            f = f * mask.to(f.device).unsqueeze(-1)  # zero padded positions
+            if features is None:
+                features = torch.zeros(n, S, f.shape[-1], dtype=dtype)  # [N, S, D]
+            features[rows, :L] = f.to("cpu", dtype)
     attention_mask = (torch.arange(S)[None, :] < lengths[:, None]).long()  # [N, S]
     if features is None:  # unreachable: n >= 1
         raise ValueError("no prompts")
@@ -307,7 +303,7 @@ class FeatureCache:
                 rows[j] = (feats[r, :n_tok], n_tok)
         S = max(n for _, n in rows)  # type: ignore[misc]
         D = rows[0][0].shape[-1]  # type: ignore[index]
-        features = torch.zeros(len(keys), S, D, dtype=_DTYPES[recipe.dtype])  # [N, S, D]
+        features = torch.zeros(len(keys), S, D, dtype=DTYPES[recipe.dtype])  # [N, S, D]
         lengths_t = torch.zeros(len(keys), dtype=torch.long)
         for j, (f, n_tok) in enumerate(rows):  # type: ignore[misc]
             features[j, :n_tok] = f
@@ -335,7 +331,7 @@ class FeatureCache:
         S = int(lengths.max())
         name = f"chunk-{_json_hash(list(keys))[:16]}.safetensors"
         sha = save_safetensors_atomic(
-            {"features": features[:, :S].to(_DTYPES[recipe.dtype]).contiguous(), "lengths": lengths},
+            {"features": features[:, :S].to(DTYPES[recipe.dtype]).contiguous(), "lengths": lengths},
             ns / name,
             metadata={"format": "pt", "kind": "brainstacks_router_features", "recipe_hash": recipe.hash()},
         )

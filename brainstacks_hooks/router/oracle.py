@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.formatting import IGNORE_INDEX
 from ..errors import ConfigError, StackLoadError
-from ..training.validation import autocast_context
+from ..loss import autocast_context, eval_mode, token_nll
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from ..utils.logging import get_logger
 from .config import RouterConfig
@@ -77,7 +77,6 @@ logger = get_logger(__name__)
 ORACLE_FORMAT_VERSION = 1
 #: Loss-table key of the stacks-off forward (``bs.base_only()``); reported, never a candidate route.
 BASE_KEY = "<base>"
-IGNORE_INDEX = -100
 
 #: ``loss_fn(weights, rows) -> losses [len(rows)]``: completion loss of the given batch rows with the
 #: stacks weighted by ``weights`` (``None`` or ``{}``: stacks off).
@@ -371,23 +370,16 @@ class OracleBackend(Protocol):
 
 
 def completion_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over labelled (completion) tokens, per example.
+    """Token-mean completion cross-entropy per example (:func:`brainstacks_hooks.loss.token_nll`), ``[B]`` fp32.
 
-    Args:
-        logits: ``[B, L, V]`` next-token logits.
-        labels: ``[B, L]`` with :data:`IGNORE_INDEX` on prompt and padding tokens.
-
-    Returns:
-        ``[B]`` float32 losses (each row must have at least one labelled token).
+    Raises:
+        ValueError: a row has no completion token.
     """
-    out = torch.empty(logits.shape[0], dtype=torch.float32)
-    for i in range(logits.shape[0]):  # one row at a time keeps the fp32 copy of the logits small
-        target = labels[i, 1:]  # [L-1]
-        keep = target != IGNORE_INDEX
-        if not bool(keep.any()):
-            raise ValueError(f"row {i} has no completion tokens")
-        out[i] = F.cross_entropy(logits[i, :-1][keep].float(), target[keep]).cpu()
-    return out
+    sums, counts = token_nll(logits, labels)
+    empty = (counts == 0).nonzero()
+    if len(empty):
+        raise ValueError(f"row {int(empty[0])} has no completion tokens")
+    return (sums / counts).float()
 
 
 class StackOracleBackend:
@@ -446,7 +438,7 @@ class StackOracleBackend:
             ctx = self.bs.routed(weights) if weights else self.bs.base_only()
             with ctx, autocast_context(model, self.bf16):
                 logits = model(input_ids=ids, attention_mask=mask[:, :L].to(device), use_cache=False).logits
-            return completion_losses(logits.float(), labels)  # [b]
+            return completion_losses(logits, labels)  # [b]
 
         return loss_fn
 
@@ -686,21 +678,9 @@ def run_oracle_on_stacks(
     """
     signature = stack_signature or stacks_signature(bs, tokenizer)
     backend = StackOracleBackend(bs, tokenizer, config.oracle_max_length, bf16=bf16)
-    was_training = bs.model.training
-    bs.model.eval()
-    try:
-        return run_oracle(
-            examples,
-            config,
-            backend=backend,
-            domains=list(bs.domains),
-            stack_signature=signature,
-            cache_dir=cache_dir,
-            progress=progress,
-            bf16=bf16,
-        )
-    finally:
-        bs.model.train(was_training)
+    with eval_mode(bs.model):
+        return run_oracle(examples, config, backend=backend, domains=list(bs.domains), stack_signature=signature,
+                          cache_dir=cache_dir, progress=progress, bf16=bf16)
 
 
 # -------------------------------------------------------------------------------------------- analysis

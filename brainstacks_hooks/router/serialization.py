@@ -74,6 +74,7 @@ def save_router(
     *,
     feature_recipe: FeatureRecipe | dict[str, Any],
     base_fingerprint: dict[str, Any],
+    stacks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``router.safetensors`` and ``router.json`` into ``directory`` atomically.
 
@@ -87,6 +88,8 @@ def save_router(
         feature_recipe: The recipe the training features were computed with; its ``seq_len`` must equal
             ``config.seq_len`` (the recipe is what inference will use).
         base_fingerprint: The base model's fingerprint dictionary.
+        stacks: Domain, round and sha256 of every stack the router was trained on (its oracle targets
+            came from them), e.g. ``StackIndex.identity()``; :func:`load_router` refuses other stacks.
 
     Returns:
         The metadata dictionary written to ``router.json``.
@@ -119,6 +122,7 @@ def save_router(
         "chat_domain": config.chat_domain,
         "gate_threshold": config.gate_threshold,
         "base_fingerprint": _normalise(base_fingerprint),
+        "stacks": _normalise(stacks) if stacks is not None else None,
         "router_config": config.to_dict(),
         "n_params": sum(p.numel() for p in router.parameters()),
         "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""),
@@ -155,10 +159,32 @@ def read_router_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def stack_differences(trained_on: list[dict[str, Any]] | None, current: list[dict[str, Any]]) -> list[str]:
+    """What changed between the stacks a router was trained on and ``current`` (empty when the same).
+
+    Both are lists of ``{"domain", "round", "sha256"}``; the domain order is part of the identity.
+    """
+    if trained_on is None:
+        return ["the router was saved without the identity of its stacks (older version)"]
+    old = {(s["domain"], int(s["round"])): s["sha256"] for s in trained_on}
+    new = {(s["domain"], int(s["round"])): s["sha256"] for s in current}
+    out = [f"{d}/r{r} removed" for d, r in sorted(set(old) - set(new))]
+    out += [f"{d}/r{r} added" for d, r in sorted(set(new) - set(old))]
+    out += [f"{d}/r{r} changed (sha256 {old[(d, r)][:12]}... -> {new[(d, r)][:12]}...)"
+            for d, r in sorted(set(old) & set(new)) if old[(d, r)] != new[(d, r)]]
+    order_old = list(dict.fromkeys(s["domain"] for s in trained_on))
+    order_new = list(dict.fromkeys(s["domain"] for s in current))
+    if not out and order_old != order_new:
+        out.append(f"domain order {order_old} -> {order_new}")
+    return out
+
+
 def load_router(
     directory: str | os.PathLike,
     expected_fingerprint: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    expected_stacks: list[dict[str, Any]] | None = None,
+    allow_stack_mismatch: bool = False,
 ) -> tuple[MetaRouter, dict[str, Any]]:
     """Load a router saved by :func:`save_router`, strictly.
 
@@ -167,6 +193,9 @@ def load_router(
         expected_fingerprint: The current base model's fingerprint; when given it must equal the stored
             one exactly (compared as JSON values).
         device: Device to put the router on.
+        expected_stacks: The stacks it will route (``{"domain", "round", "sha256"}`` each, in order); when
+            given they must be the stacks the router was trained on.
+        allow_stack_mismatch: Load a router trained on other stacks anyway, with a warning.
 
     Returns:
         ``(router, meta)``: the router in eval mode and the ``router.json`` dictionary. Use
@@ -174,10 +203,20 @@ def load_router(
 
     Raises:
         FingerprintMismatch: the router was trained on features of a different base model.
-        StackLoadError: any file is missing or inconsistent (checksum, keys, shapes).
+        StackLoadError: any file is missing or inconsistent (checksum, keys, shapes), or the router was
+            trained on other stacks than ``expected_stacks``.
     """
     directory = Path(directory)
     meta = read_router_meta(directory)
+    if expected_stacks is not None:
+        diffs = stack_differences(meta.get("stacks"), expected_stacks)
+        if diffs:
+            msg = (f"{directory}: router was trained on other stacks than the ones it would route: "
+                   f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}; retrain it (`brainstacks router "
+                   "RUN_DIR`)")
+            if not allow_stack_mismatch:
+                raise StackLoadError(msg + " or pass allow_stack_mismatch=True")
+            logger.warning("%s (loading anyway: allow_stack_mismatch=True)", msg)
     if expected_fingerprint is not None:
         diffs = dict_differences(_normalise(expected_fingerprint), _normalise(meta["base_fingerprint"]))
         if diffs:

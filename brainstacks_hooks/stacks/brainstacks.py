@@ -29,18 +29,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
-from ..constants import NULL_SPACE_FILE, STACK_FORMAT_VERSION, STACKS_INDEX_FILE
 from ..errors import ConfigError, StackBypassed, StackLoadError, StackStateError
 from ..models.fingerprint import ModelFingerprint
 from ..models.targets import find_target_modules, projection_features
-from ..utils.io import atomic_write_json, load_safetensors_checked, save_safetensors_atomic
+from ..utils.io import save_safetensors_atomic
 from ..utils.logging import get_logger
 from .config import StackConfig
 from .modes import Mode, select_frozen
 from .moe_lora import FrozenGroup
 from .null_space import fold_into_b, merge_bases
-from .serialization import check_config_compatible, check_fingerprint, load_stack, read_stack_index, save_stack
+from .serialization import (
+    NullSpaceEntry,
+    StackIndexEntry,
+    check_config_compatible,
+    check_fingerprint,
+    load_stack,
+    null_space_filename,
+    read_null_space,
+    read_stack_index,
+    save_stack,
+    stack_filename,
+    write_stack_index,
+)
 from .stack import Stack
 
 logger = get_logger(__name__)
@@ -110,7 +120,8 @@ class BrainStacks:
         self._track = False
         self.aux_grad_scale = 1.0
         self.check_bypass = True
-        #: grouped frozen-stack weights kept per projection (raise it when cycling through many routes)
+        #: grouped frozen-stack weights kept per projection (raise it when cycling through many routes;
+        #: a :class:`~brainstacks_hooks.inference.store.StackStore` with a budget sets it to 1 and counts it)
         self.group_cache_size = 2
         self._handles: list[Any] = []
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -171,6 +182,10 @@ class BrainStacks:
         """Frozen stacks of one domain, in round order."""
         return [s for s in self.frozen_stacks if s.domain == domain]
 
+    def device_of(self, key: str) -> torch.device:
+        """Device of the projection ``key`` (its first parameter; CPU for parameterless modules)."""
+        return self._device_of(key)
+
     def _device_of(self, key: str) -> torch.device:
         p = next(self.targets[key].parameters(), None)
         return p.device if p is not None else torch.device("cpu")
@@ -228,6 +243,15 @@ class BrainStacks:
             raise StackLoadError("stack targets differ from the attached projections")
         check_config_compatible(stack.config, self.config, f"stack {stack.domain!r} round {stack.round_index}")
         self._append_frozen(stack)
+
+    def group_cache_bytes(self) -> int:
+        """Bytes held by the grouped copies of frozen stacks (all projections, all cached stack sets)."""
+        return sum(g.nbytes() for cache in self._groups.values() for g in cache.values())
+
+    def clear_group_cache(self) -> None:
+        """Drop every grouped copy (they are rebuilt on the next forward that needs them)."""
+        for cache in self._groups.values():
+            cache.clear()
 
     def remove_frozen(self, stack: Stack) -> None:
         """Detach one frozen stack (its domain stays in the training order)."""
@@ -444,6 +468,10 @@ class BrainStacks:
 
     def _frozen_delta(self, key: str, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if self.config.group_frozen:
+            if self.config.offload_frozen:  # the grouped copy stays where the stacks are (host RAM)
+                dev = plan.frozen[0].module_for(key).A.device
+                group = self._group(key, plan, dev)
+                return group(x.to(dev), plan.weight_tensor(dev), self._track).to(x.device)
             return self._group(key, plan, x.device)(x, plan.weight_tensor(x.device), self._track)
         delta = None
         for stack, w in zip(plan.frozen, plan.weights):
@@ -485,33 +513,24 @@ class BrainStacks:
     def save(self, directory: str | os.PathLike) -> Path:
         """Save every frozen stack plus the null-space bases and an index, atomically per file.
 
-        Layout: ``brainstacks.json`` (index: config, fingerprint, domain order, stacks with sha256),
-        ``stacks/NNN-<domain>-r<round>.safetensors``, ``null_space.safetensors``. The index is written
-        last, so a crash mid-save leaves the previous index valid.
+        Layout (the one a run directory's ``stacks/`` has too): ``brainstacks.json`` (index: config,
+        fingerprint, domain order, stacks and null-space files with sha256), ``<domain>-r<round>.safetensors``
+        per stack and ``null_space-<domain>.safetensors`` per domain that claimed directions. The index is
+        written last, so a crash mid-save leaves the previous index valid.
         """
         directory = Path(directory)
         if self.active is not None:
             logger.warning("save(): the active (unfrozen) stack is not saved; freeze it first to keep it")
         entries = []
         for i, s in enumerate(self.frozen_stacks):
-            rel = f"stacks/{i:03d}-{s.domain}-r{s.round_index}.safetensors"
+            rel = stack_filename(s.domain, s.round_index)
             sha = self.save_stack(s, directory / rel)
-            entries.append({"file": rel, "domain": s.domain, "round": s.round_index, "sha256": sha,
-                            "dtype": str(s.dtype).removeprefix("torch.")})
-        index: dict[str, Any] = {
-            "format_version": STACK_FORMAT_VERSION,
-            "library_version": __version__,
-            "config": self.config.to_dict(),
-            "fingerprint": self.fingerprint_dict(),
-            "domain_order": self.domain_order,
-            "stacks": entries,
-            "null_space": None,
-        }
-        if self.null_space_bases:
-            tensors = {f"{d}/{k}": v for d, b in self.null_space_bases.items() for k, v in b.items()}
-            sha = save_safetensors_atomic(tensors, directory / NULL_SPACE_FILE)
-            index["null_space"] = {"file": NULL_SPACE_FILE, "sha256": sha, "domains": list(self.null_space_bases)}
-        atomic_write_json(directory / STACKS_INDEX_FILE, index)
+            entries.append(StackIndexEntry(i, s.domain, s.round_index, rel, sha, s.dtype))
+        null_space = []
+        for d, bases in self.null_space_bases.items():
+            rel = null_space_filename(d)
+            null_space.append(NullSpaceEntry(d, rel, save_safetensors_atomic(bases, directory / rel)))
+        write_stack_index(directory, self.config, self.fingerprint, self.domain_order, entries, null_space)
         return directory
 
     @classmethod
@@ -544,15 +563,7 @@ class BrainStacks:
                 raise StackLoadError(f"{directory / e.file}: metadata says {stack.domain}/r{stack.round_index}, "
                                      f"index says {e.domain}/r{e.round_index}")
             stacks.append(stack)
-        bases: dict[str, dict[str, torch.Tensor]] = {}
-        if index.null_space:
-            ns = index.null_space
-            tensors = load_safetensors_checked(directory / ns["file"], ns["sha256"])
-            for name, v in tensors.items():
-                d, _, key = name.partition("/")
-                if key not in shapes or v.shape[0] != shapes[key][1]:
-                    raise StackLoadError(f"{directory / ns['file']}: basis {name} does not fit the model")
-                bases.setdefault(d, {})[key] = v
+        bases = read_null_space(directory, index, shapes)
         # validated: now touch the model
         self = cls.attach(model, config)
         devices = {self._device_of(k) for k in self.keys}

@@ -10,8 +10,7 @@ import torch
 
 from ..constants import DEFAULT_TARGET_MODULES
 from ..errors import ConfigError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..utils.dtypes import DTYPES
 
 
 @dataclass
@@ -55,8 +54,8 @@ class StackConfig:
             raise ConfigError(f"alpha must be > 0 (got {self.alpha})")
         if self.aux_loss_coef < 0:
             raise ConfigError(f"aux_loss_coef must be >= 0 (got {self.aux_loss_coef})")
-        if self.frozen_dtype != "auto" and self.frozen_dtype not in _DTYPES:
-            raise ConfigError(f"frozen_dtype must be 'auto' or one of {sorted(_DTYPES)} (got {self.frozen_dtype!r})")
+        if self.frozen_dtype != "auto" and self.frozen_dtype not in DTYPES:
+            raise ConfigError(f"frozen_dtype must be 'auto' or one of {sorted(DTYPES)} (got {self.frozen_dtype!r})")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one projection")
 
@@ -67,7 +66,7 @@ class StackConfig:
 
     def frozen_torch_dtype(self, active_dtype: torch.dtype) -> torch.dtype:
         """The dtype frozen stacks are stored in."""
-        return active_dtype if self.frozen_dtype == "auto" else _DTYPES[self.frozen_dtype]
+        return active_dtype if self.frozen_dtype == "auto" else DTYPES[self.frozen_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (round-trips through :meth:`from_dict`)."""

@@ -66,27 +66,41 @@ class Mode:
         return self.kind
 
 
+def domain_weights(mode: Mode, domain_order: list[str]) -> dict[str, float]:
+    """The weight of every domain whose stacks ``mode`` computes (the one definition of mode semantics).
+
+    Args:
+        mode: The mode.
+        domain_order: Domains in training order (``prefix`` keeps the domains up to its own).
+
+    Raises:
+        ConfigError: the mode names a domain that is not in ``domain_order``.
+    """
+    kind = mode.kind
+    if kind == "base_only":
+        return {}
+    if kind in ("train", "ungated", "reference"):
+        return dict.fromkeys(domain_order, 1.0)
+    known = ", ".join(domain_order) or "(none)"
+    if kind in ("prefix", "isolated"):
+        if mode.domain not in domain_order:
+            raise ConfigError(f"unknown domain {mode.domain!r} in mode '{kind}:{mode.domain}'; known domains: {known}")
+        if kind == "isolated":
+            return {mode.domain: 1.0}
+        return dict.fromkeys(domain_order[: domain_order.index(mode.domain) + 1], 1.0)
+    weights = dict(mode.weights or ())
+    unknown = sorted(set(weights) - set(domain_order))
+    if unknown:
+        raise ConfigError(f"routed weights name unknown domains {unknown}; known domains: {known}")
+    return {d: weights[d] for d in domain_order if weights.get(d, 0.0) > 0.0}
+
+
 def select_frozen(mode: Mode, domain_order: list[str], frozen_domains: list[str]) -> list[tuple[int, float]]:
-    """Indices into the frozen-stack list, with weights, that ``mode`` computes.
+    """Indices into the frozen-stack list, with weights, that ``mode`` computes (see :func:`domain_weights`).
 
     Args:
         domain_order: domains in training order.
         frozen_domains: the domain tag of every frozen stack, in stack order.
     """
-    kind = mode.kind
-    if kind in ("base_only",):
-        return []
-    if kind in ("train", "ungated", "reference"):
-        return [(i, 1.0) for i in range(len(frozen_domains))]
-    if kind in ("prefix", "isolated"):
-        if mode.domain not in domain_order:
-            raise ConfigError(f"mode {kind}({mode.domain!r}): unknown domain; frozen domains are {domain_order}")
-        if kind == "isolated":
-            return [(i, 1.0) for i, d in enumerate(frozen_domains) if d == mode.domain]
-        allowed = set(domain_order[: domain_order.index(mode.domain) + 1])
-        return [(i, 1.0) for i, d in enumerate(frozen_domains) if d in allowed]
-    weights = dict(mode.weights or ())
-    unknown = sorted(set(weights) - set(domain_order))
-    if unknown:
-        raise ConfigError(f"routed weights name unknown domains {unknown}; frozen domains are {domain_order}")
-    return [(i, weights[d]) for i, d in enumerate(frozen_domains) if weights.get(d, 0.0) > 0.0]
+    weights = domain_weights(mode, domain_order)
+    return [(i, weights[d]) for i, d in enumerate(frozen_domains) if d in weights]

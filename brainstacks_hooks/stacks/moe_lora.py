@@ -12,6 +12,33 @@ the gates::
 
 so a MoE-LoRA step costs about the same as a rank-64 LoRA (``benchmarks/bench_moe_vs_lora.py``).
 The router (and noise) weights are concatenated with A, so x is read once per projection.
+
+Load-balance loss (paper section 3.1, eq. 7, the "standard auxiliary loss" of Switch Transformers)::
+
+    L_aux = E * sum_i f_i * P_i          L = L_task + alpha * L_aux,   alpha = 0.01
+
+with f_i the fraction of the T tokens dispatched to expert i (each token goes to K experts, so
+``sum_i f_i = K``) and P_i the mean router probability of expert i (full softmax of the noisy logits,
+so ``sum_i P_i = 1``). Uniform routing gives ``L_aux = E * E * (K/E) * (1/E) = K``; a router that sends
+every token to the same K experts with all the probability on them gives up to ``E``. Each projection
+computes its own term and injects ``alpha * L_aux`` into backward (:class:`AuxLossInjector`).
+
+**Combination over projections: the sum.** A stack has one router per projection (210 for SmolLM2:
+7 per layer x 30 layers), and the objective adds ``alpha * L_aux`` of *every* projection::
+
+    L = L_task + alpha * sum_{p in projections} L_aux(p)
+
+Section 3 of the paper defines eq. 7 for one MoELoRADelta and does not say how the terms are combined;
+section 4.1 does: it reports a MoE-LoRA *train* loss of 7.444 against 0.932 for a single LoRA at equal
+validation loss and attributes the gap to the aux term with coefficient 0.01 added in ``compute_loss``.
+On TinyLlama (22 layers x 7 = 154 projections, K = 2, E = 4) the sum adds 0.01 * 154 * [2, 4] = 3.1 to
+6.2, the order of the reported gap of 6.5; a mean over projections would add 0.02 to 0.04, which cannot
+produce it. The reference implementation also sums. Because each router only appears in its own term,
+the sum gives every router the gradient ``alpha * dL_aux(p)``, whatever the number of projections (a
+mean would divide it by 210). Even perfect balance adds ``alpha * n_projections * K`` (4.2 for SmolLM2
+with K = 2), a near-constant offset; the trainer logs the added value beside the task loss, and the mean
+per-projection L_aux for reading the balance, see :mod:`brainstacks_hooks.training.trainer` and
+``docs/DESIGN_NOTES.md``.
 """
 
 from __future__ import annotations
@@ -60,18 +87,33 @@ def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return gates, top_idx
 
 
-def load_balance_loss(logits: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch-style load-balance loss ``E * sum_e P_e * f_e`` (paper eq. 7), differentiable through P.
+def dispatch_fractions(top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """f_i of paper eq. 7: the fraction of tokens dispatched to expert i.
 
     Args:
-        logits: [T, E] (noisy) router logits; P_e is the mean softmax probability of expert e.
-        top_idx: [T, K] chosen experts; f_e is expert e's share of the T*K assignments.
+        top_idx: [T, K] chosen experts of each token.
     Returns:
-        Scalar, 1.0 at perfect balance, up to E when one expert takes everything.
+        [E] float32; each of the T tokens counts once for each of its K experts, so the entries sum to K.
     """
-    probs = torch.softmax(logits.float(), dim=-1).mean(0)  # [E]
-    counts = torch.bincount(top_idx.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
-    frac = counts / counts.sum().clamp_min(1.0)
+    counts = torch.bincount(top_idx.reshape(-1), minlength=num_experts).float()  # [E]
+    return counts / max(top_idx.shape[0], 1)
+
+
+def load_balance_loss(logits: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Paper eq. 7 for one projection, without its coefficient: ``L_aux = E * sum_i f_i * P_i``.
+
+    Differentiable through P (f is a count). See the module docstring for the coefficient and for how the
+    per-projection terms are combined (summed).
+
+    Args:
+        logits: [T, E] (noisy) router logits; P_i is the mean over tokens of their softmax.
+        top_idx: [T, K] chosen experts; f_i is :func:`dispatch_fractions` (``sum_i f_i = K``).
+    Returns:
+        Scalar: K under uniform routing (f_i = K/E, P_i = 1/E), at most E (all tokens on the same K experts
+        with all the probability).
+    """
+    probs = torch.softmax(logits.float(), dim=-1).mean(0)  # [E], sums to 1
+    frac = dispatch_fractions(top_idx, num_experts).to(probs.device)  # [E], sums to K
     return num_experts * (probs * frac).sum()
 
 
@@ -120,9 +162,11 @@ class MoELoRA(nn.Module):
                 track: bool = False, null_basis: torch.Tensor | None = None) -> torch.Tensor:
         """Delta for ``x`` [T, d_in] -> [T, d_out].
 
-        In training mode with ``router_noise`` the logits get input-dependent Gaussian noise. When
-        ``aux_coef > 0`` and gradients are enabled, ``aux_coef * load_balance`` enters the backward pass
-        through :class:`AuxLossInjector`; its value is kept in ``last_aux`` for logging. ``null_basis`` V
+        In training mode with ``router_noise`` the logits get input-dependent Gaussian noise. In training
+        mode with ``aux_coef > 0`` (alpha), ``aux_coef * load_balance_loss`` (alpha * eq. 7 of this
+        projection) enters the backward pass through :class:`AuxLossInjector`, its gradient multiplied by
+        ``aux_grad_scale`` (1 / gradient-accumulation steps); the value itself (detached, without that scale) is
+        kept in ``last_aux`` for logging (the stack's total is the sum over projections). ``null_basis`` V
         [d_out, k] projects the delta out of span(V) (through the up-projection weight, see
         :func:`~.null_space.project_out_weight`).
         """

@@ -19,17 +19,19 @@ import torch
 from safetensors import safe_open
 
 from .. import __version__
-from ..constants import STACK_FORMAT_VERSION, STACKS_INDEX_FILE
+from ..constants import READABLE_INDEX_VERSIONS, STACK_FORMAT_VERSION, STACKS_INDEX_FILE, STACKS_INDEX_VERSION
 from ..errors import ConfigError, FingerprintMismatch, StackLoadError
 from ..models.fingerprint import ModelFingerprint
-from ..utils.io import read_json, save_safetensors_atomic, sha256_file
+from ..utils.dtypes import DTYPES, dtype_name
+from ..utils.io import atomic_write_json, load_safetensors_checked, read_json, save_safetensors_atomic, sha256_file
 from ..utils.logging import get_logger
 from .config import StackConfig
 from .stack import Stack
 
 logger = get_logger(__name__)
 
-_PARAM_NAMES = ("A", "B", "router", "noise")
+#: The tensors of one MoE-LoRA in a stack file, per target key.
+PARAM_NAMES = ("A", "B", "router", "noise")
 _COMPAT_FIELDS = ("num_experts", "top_k", "rank", "alpha", "use_rslora", "target_modules")
 
 
@@ -41,7 +43,7 @@ def save_stack(stack: Stack, path: str | os.PathLike, fingerprint: ModelFingerpr
         "domain": stack.domain,
         "round": str(stack.round_index),
         "frozen": "1" if stack.frozen else "0",
-        "dtype": str(stack.dtype).removeprefix("torch."),
+        "dtype": dtype_name(stack.dtype),
         "config": json.dumps(stack.config.to_dict()),
         "fingerprint": json.dumps(fingerprint.to_dict()),
     }
@@ -121,7 +123,7 @@ def load_stack(
     meta = read_stack_metadata(path)
     check_fingerprint(meta["fingerprint"], model_fingerprint, str(path), allow_fingerprint_mismatch)
     check_config_compatible(meta["config"], config, str(path))
-    expected = {f"{k}.{n}" for k in shapes for n in _PARAM_NAMES}
+    expected = {f"{k}.{n}" for k in shapes for n in PARAM_NAMES}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         found = set(f.keys())
         missing, extra = sorted(expected - found), sorted(found - expected)
@@ -129,13 +131,13 @@ def load_stack(
             raise StackLoadError(f"{path}: key mismatch; missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                                  f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
         tensors = {k: f.get_tensor(k) for k in sorted(expected)}
-    dtype = getattr(torch, meta["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = DTYPES.get(meta["dtype"])
+    if dtype is None:
         raise StackLoadError(f"{path}: unknown dtype {meta['dtype']!r} in metadata")
     # Build on the meta device (no random init, no copies), then adopt the loaded tensors as parameters.
     stack = Stack(shapes, config, domain=meta["domain"], round_index=meta["round"], dtype=dtype, device="meta")
     for key, module in stack.items():
-        for name in _PARAM_NAMES:
+        for name in PARAM_NAMES:
             t = tensors[f"{key}.{name}"]
             expected_shape = tuple(getattr(module, name).shape)
             if tuple(t.shape) != expected_shape:
@@ -145,6 +147,21 @@ def load_stack(
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
     stack.freeze(dtype, device=device)
     return stack
+
+
+def stack_filename(domain: str, round_index: int) -> str:
+    """File name of one stack inside a stacks directory: ``<domain>-r<round>.safetensors``."""
+    return f"{domain}-r{round_index}.safetensors"
+
+
+def null_space_filename(domain: str) -> str:
+    """File name of the null-space bases one domain claims: ``null_space-<domain>.safetensors``."""
+    return f"null_space-{domain}.safetensors"
+
+
+def _check_relative(rel: str, directory: Path, path: Path, what: str) -> None:
+    if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:  # lexical check: symlinked folders are fine
+        raise StackLoadError(f"{path}: {what} file {rel!r} is outside {directory}")
 
 
 @dataclass
@@ -158,6 +175,21 @@ class StackIndexEntry:
     sha256: str
     dtype: torch.dtype
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON entry."""
+        return {"domain": self.domain, "round": self.round_index, "file": self.file, "sha256": self.sha256,
+                "dtype": dtype_name(self.dtype)}
+
+
+@dataclass
+class NullSpaceEntry:
+    """A null-space file listed in the index: ``domain`` (its tensors are keyed by target) or ``None`` for a
+    version-1 file holding every domain's bases keyed ``<domain>/<target>``."""
+
+    domain: str | None
+    file: str
+    sha256: str
+
 
 @dataclass
 class StackIndex:
@@ -168,14 +200,41 @@ class StackIndex:
     fingerprint: ModelFingerprint
     entries: list[StackIndexEntry]
     domain_order: list[str]
-    null_space: dict[str, Any] | None
+    null_space: list[NullSpaceEntry]
+    format_version: int = STACKS_INDEX_VERSION
+
+    def identity(self) -> list[dict[str, Any]]:
+        """Domain, round and sha256 of every stack, in index order (what a router is bound to)."""
+        return [{"domain": e.domain, "round": e.round_index, "sha256": e.sha256} for e in self.entries]
+
+
+def write_stack_index(directory: str | os.PathLike, config: StackConfig, fingerprint: ModelFingerprint,
+                      domain_order: list[str], entries: list[StackIndexEntry],
+                      null_space: list[NullSpaceEntry]) -> Path:
+    """Write ``directory/brainstacks.json`` atomically (the files it lists must already be there).
+
+    The one writer of the index, used by :meth:`BrainStacks.save` and by the run directory after every round.
+    """
+    index = {
+        "format_version": STACKS_INDEX_VERSION,
+        "library_version": __version__,
+        "config": config.to_dict(),
+        "fingerprint": fingerprint.to_dict(),
+        "domain_order": list(domain_order),
+        "stacks": [e.to_dict() for e in entries],
+        "null_space": {n.domain: {"file": n.file, "sha256": n.sha256} for n in null_space if n.domain},
+    }
+    path = Path(directory) / STACKS_INDEX_FILE
+    atomic_write_json(path, index)
+    return path
 
 
 def read_stack_index(directory: str | os.PathLike) -> StackIndex:
     """Read ``directory/brainstacks.json`` and validate its structure (not the stack files).
 
-    Raises :class:`StackLoadError` when the index is missing, of another format version, malformed, lists a
-    stack twice, names an unknown dtype or a file outside ``directory`` (absolute paths or ``..``).
+    Reads index versions 1 (one ``null_space.safetensors`` for all domains) and 2 (one null-space file per
+    domain). Raises :class:`StackLoadError` when the index is missing, of another format version, malformed,
+    lists a stack twice, names an unknown dtype or a file outside ``directory`` (absolute paths or ``..``).
     """
     directory = Path(directory)
     path = directory / STACKS_INDEX_FILE
@@ -183,13 +242,15 @@ def read_stack_index(directory: str | os.PathLike) -> StackIndex:
         raise StackLoadError(f"{path}: not found (is {directory} a saved BrainStacks directory?)")
     index = read_json(path)
     try:
-        if index.get("format_version") != STACK_FORMAT_VERSION:
-            raise StackLoadError(f"{path}: format version {index.get('format_version')} unsupported")
+        version = index.get("format_version")
+        if version not in READABLE_INDEX_VERSIONS:
+            raise StackLoadError(f"{path}: index format version {version} unsupported "
+                                 f"(this library reads {list(READABLE_INDEX_VERSIONS)})")
         config = StackConfig.from_dict(index["config"])
         fingerprint = ModelFingerprint.from_dict(index["fingerprint"])
         raw_entries = list(index["stacks"])
         order = [str(d) for d in index["domain_order"]]
-        null_space = index.get("null_space") or None
+        raw_ns = index.get("null_space") or None
     except (AttributeError, KeyError, TypeError, ValueError, ConfigError) as e:
         raise StackLoadError(f"{path}: malformed index ({e})") from e
     entries: list[StackIndexEntry] = []
@@ -197,19 +258,43 @@ def read_stack_index(directory: str | os.PathLike) -> StackIndex:
     for pos, raw in enumerate(raw_entries):
         try:
             domain, round_index, rel, sha = str(raw["domain"]), int(raw["round"]), str(raw["file"]), str(raw["sha256"])
-            dtype = getattr(torch, str(raw.get("dtype", "float32")), None)
+            dtype = DTYPES.get(str(raw.get("dtype", "float32")))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise StackLoadError(f"{path}: malformed stack entry {pos} ({e})") from e
-        if not isinstance(dtype, torch.dtype):
+        if dtype is None:
             raise StackLoadError(f"{path}: stack entry {pos} has unknown dtype {raw.get('dtype')!r}")
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # lexical check: symlinked folders are fine
-            raise StackLoadError(f"{path}: stack file {rel!r} is outside {directory}")
+        _check_relative(rel, directory, path, "stack")
         if (domain, round_index) in seen:
             raise StackLoadError(f"{path}: stack {domain}/r{round_index} is listed twice")
         seen.add((domain, round_index))
         entries.append(StackIndexEntry(pos, domain, round_index, rel, sha, dtype))
-    if null_space is not None:
-        rel = str(null_space.get("file", "")) if isinstance(null_space, dict) else ""
-        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "sha256" not in null_space:
-            raise StackLoadError(f"{path}: malformed null_space entry {null_space!r}")
-    return StackIndex(path, config, fingerprint, entries, order, null_space)
+    null_space: list[NullSpaceEntry] = []
+    if raw_ns is not None:
+        if not isinstance(raw_ns, dict):
+            raise StackLoadError(f"{path}: malformed null_space entry {raw_ns!r}")
+        items = [(None, raw_ns)] if version == 1 else list(raw_ns.items())
+        for domain, rec in items:
+            if not isinstance(rec, dict) or "sha256" not in rec:
+                raise StackLoadError(f"{path}: malformed null_space entry {rec!r}")
+            rel = str(rec.get("file", ""))
+            _check_relative(rel, directory, path, "null-space")
+            null_space.append(NullSpaceEntry(domain, rel, str(rec["sha256"])))
+    return StackIndex(path, config, fingerprint, entries, order, null_space, int(version))
+
+
+def read_null_space(directory: str | os.PathLike, index: StackIndex,
+                    shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The null-space bases per domain listed in ``index`` (checksums verified), ``{domain: {target: V}}``.
+
+    When ``shapes`` is given, every basis must be ``[d_out, k]`` of a known target.
+    """
+    directory = Path(directory)
+    bases: dict[str, dict[str, torch.Tensor]] = {}
+    for ns in index.null_space:
+        path = directory / ns.file
+        for name, v in load_safetensors_checked(path, ns.sha256).items():
+            domain, key = (ns.domain, name) if ns.domain is not None else name.split("/", 1)
+            if shapes is not None and (key not in shapes or v.dim() != 2 or v.shape[0] != shapes[key][1]):
+                raise StackLoadError(f"{path}: basis {name} does not fit the model")
+            bases.setdefault(domain, {})[key] = v
+    return bases

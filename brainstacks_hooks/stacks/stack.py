@@ -38,6 +38,15 @@ class Stack(nn.Module):
             {_module_name(k): MoELoRA(i, o, config, dtype=dtype, device=device) for k, (i, o) in shapes.items()}
         )
 
+    def relabel(self, domain: str, round_index: int, config: StackConfig | None = None,
+                keys: list[str] | None = None) -> None:
+        """Give a cloned stack its identity: domain, round, a fresh uid (and optionally config and keys)."""
+        self.domain, self.round_index, self.uid = domain, round_index, next(_UIDS)
+        if config is not None:
+            self.config = config
+        if keys is not None:
+            self.keys = list(keys)
+
     def module_for(self, key: str) -> MoELoRA:
         """The MoE-LoRA of one target (stable key)."""
         return self.experts[_module_name(key)]  # type: ignore[return-value]

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.decontamination import decontaminate
-from ..data.formatting import encode_example
+from ..data.formatting import encode_rows
 from ..data.sources import load_domain_rows, load_eval_questions
+from ..run_config import RunConfig
 from ..utils.logging import get_logger
 from ..utils.seeding import seeded_sample_indices
-from .config import RunConfig
 
 logger = get_logger(__name__)
 
@@ -22,26 +22,28 @@ class DomainExamples:
     train: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     val: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    #: the raw rows (``id``, ``domain``, ``instruction``, ``input``, ``output``) that were encoded
+    train_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    val_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, Any]], int]:
-    """Encode rows (completion-only labels); returns the examples and how many were too long."""
-    out, overlong = [], 0
-    for r in rows:
-        ex = encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_length)
-        if ex is None:
-            overlong += 1
-            continue
-        out.append({**ex, "id": r["id"]})
-    return out, overlong
-
-
-def prepare_run_data(config: RunConfig, tokenizer: Any) -> DomainExamples:
+def prepare_run_data(config: RunConfig, tokenizer: Any,
+                     rows: tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]] | None = None
+                     ) -> DomainExamples:
     """Load every domain's train/val rows, decontaminate the train rows and encode both.
 
     Local data (``data_dir`` or ``$BRAINSTACKS_DATA_DIR``) uses ``<domain>/val.jsonl`` for validation;
-    hub sources hold out a seeded ``val_samples`` subset, disjoint from training by row id.
+    hub sources hold out a seeded ``val_samples`` subset, disjoint from training by row id. ``rows`` (train
+    and validation rows by domain, as a run directory recorded them) skips loading and cleaning: the same
+    rows are encoded again.
     """
+    if rows is not None:
+        out = DomainExamples(report={"from_recorded_rows": True})
+        for dom in config.domains:
+            out.train_rows[dom.name], out.val_rows[dom.name] = rows[0].get(dom.name, []), rows[1].get(dom.name, [])
+            out.train[dom.name], _ = encode_rows(tokenizer, out.train_rows[dom.name], config.train.max_length)
+            out.val[dom.name], _ = encode_rows(tokenizer, out.val_rows[dom.name], config.train.max_length)
+        return out
     train_rows, val_rows, report = {}, {}, {"domains": {}}
     for dom in config.domains:
         if dom.hf_sources:
@@ -66,6 +68,8 @@ def prepare_run_data(config: RunConfig, tokenizer: Any) -> DomainExamples:
     report["decontamination"] = decon.to_dict()
     out = DomainExamples(report=report)
     for dom in config.domains:
+        out.train_rows[dom.name] = [{**r, "domain": dom.name} for r in train_rows.get(dom.name, [])]
+        out.val_rows[dom.name] = [{**r, "domain": dom.name} for r in val_rows[dom.name]]
         out.train[dom.name], n_long_t = encode_rows(tokenizer, train_rows.get(dom.name, []), config.train.max_length)
         out.val[dom.name], n_long_v = encode_rows(tokenizer, val_rows[dom.name], config.train.max_length)
         report["domains"][dom.name]["encoded"] = {"train": len(out.train[dom.name]), "val": len(out.val[dom.name]),

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..loss import evaluate_loss
 from ..stacks.brainstacks import BrainStacks
-from .validation import evaluate_loss
 
 MODES = ("prefix", "isolated", "ungated")
 

@@ -4,47 +4,35 @@ Each round adds a zero-initialised stack, trains it with TRL under :class:`BestS
 freezes it only if it lowered the validation loss by at least ``min_loss_delta`` against the previous
 round (the first round against the loss before the domain). A round that does not is discarded and
 ends the domain.
+
+The first round of a domain is the exception, so that a domain never silently ends with zero stacks: if it
+lowered the loss at all (but by less than ``min_loss_delta``) it is accepted with a warning and a ``note``
+in its record; if it did not lower the loss, it is discarded and the outer loop stops with a clear
+:class:`~brainstacks_hooks.errors.TrainingError` (the domain is marked ``failed`` and retried on rerun).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..loss import evaluate_loss
+from ..run_config import InnerLoopConfig, TrainArgs
+from ..run_dir import RoundRecord
 from ..stacks.brainstacks import BrainStacks
+from ..stacks.stack import Stack
 from ..utils.logging import get_logger
 from .callbacks import BestStackCallback
-from .config import InnerLoopConfig, TrainArgs
 from .trainer import build_trainer, sft_config
-from .validation import evaluate_loss
 
 logger = get_logger(__name__)
 
 
-@dataclass
-class RoundResult:
-    """What one inner-loop round did."""
-
-    round: int
-    status: str  # accepted | rejected
-    loss_before: float
-    best_val_loss: float
-    frozen_val_loss: float | None
-    improvement: float
-    steps: int
-    wall_time_s: float
-    seed: int
-    stop_reason: str
-    file: str | None = None
-    sha256: str | None = None
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    train_log: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: Kept for callers of the earlier name: a round's outcome is a :class:`~brainstacks_hooks.run_dir.RoundRecord`.
+RoundResult = RoundRecord
 
 
 def round_seed(base_seed: int, domain_index: int, round_index: int) -> int:
@@ -61,7 +49,6 @@ def run_inner_loop(
     train: TrainArgs,
     inner: InnerLoopConfig,
     work_dir: str | Path,
-    stack_path: Callable[[int], Path],
     *,
     seed: int = 42,
     domain_index: int = 0,
@@ -70,12 +57,14 @@ def run_inner_loop(
     max_rounds: int | None = None,
     max_steps: int | None = None,
     learning_rate: float | None = None,
-    on_round_end: Callable[[RoundResult], None] | None = None,
-) -> list[RoundResult]:
+    on_round_end: Callable[[RoundRecord, Stack | None], None] | None = None,
+) -> list[RoundRecord]:
     """Run rounds ``start_round .. max_rounds-1`` for ``domain``; returns the rounds run here.
 
     ``loss_before`` is the validation loss the first round must beat (computed in train mode, i.e. with
-    all frozen stacks, when not given). Accepted stacks are frozen and saved to ``stack_path(round)``.
+    all frozen stacks, when not given). Accepted stacks are frozen; ``on_round_end(record, frozen_stack)``
+    (``None`` for a rejected round) is called after each round, before the next one starts: the outer loop
+    saves the stack and the record there.
     """
     pad = tokenizer.pad_token_id
 
@@ -100,19 +89,22 @@ def run_inner_loop(
         log = [dict(h) for h in trainer.state.log_history]
         del trainer
         improvement = loss_before - callback.best_loss
-        result = RoundResult(round=r, status="rejected", loss_before=loss_before, best_val_loss=callback.best_loss,
+        result = RoundRecord(round=r, status="rejected", loss_before=loss_before, best_val_loss=callback.best_loss,
                              frozen_val_loss=None, improvement=improvement, steps=steps, wall_time_s=0.0, seed=seed_r,
                              stop_reason=callback.stop_reason, eval_history=[asdict(h) for h in callback.history],
                              train_log=log)
-        if improvement >= inner.min_loss_delta:
-            stacks.freeze_active()
-            frozen = stacks.frozen_stacks[-1]
+        frozen = None
+        first = not stacks.stacks_for(domain)  # the domain has no stack yet
+        accept = improvement >= inner.min_loss_delta or (first and improvement > 0)
+        if accept and improvement < inner.min_loss_delta:
+            result.note = (f"first round of the domain accepted below min_loss_delta ({improvement:.4f} < "
+                           f"{inner.min_loss_delta}) so that the domain has a stack")
+            logger.warning("%s round %d: %s", domain, r, result.note)
+        if accept:
+            frozen = stacks.freeze_active()
             with stacks.prefix(domain):
                 result.frozen_val_loss = evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size,
                                                        train.bf16)
-            path = stack_path(r)
-            result.sha256 = stacks.save_stack(frozen, path)
-            result.file = str(path)
             result.status = "accepted"
             loss_before = result.frozen_val_loss
         else:
@@ -122,7 +114,7 @@ def run_inner_loop(
                     result.loss_before, result.best_val_loss, steps, result.stop_reason, result.wall_time_s)
         results.append(result)
         if on_round_end is not None:
-            on_round_end(result)
+            on_round_end(result, frozen)
         if result.status == "rejected":
             break
     return results

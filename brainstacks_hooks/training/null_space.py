@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from ..data.formatting import CompletionCollator
+from ..loss import autocast_context, eval_mode
+from ..run_config import NullSpaceConfig
 from ..stacks.brainstacks import BrainStacks
 from ..stacks.null_space import top_directions
 from ..utils.logging import get_logger
-from .config import NullSpaceConfig
-from .validation import autocast_context, eval_mode
 
 logger = get_logger(__name__)
 

@@ -1,9 +1,18 @@
-"""``StackSFTTrainer``: TRL's ``SFTTrainer`` training the active stack, with the aux loss logged apart.
+"""``StackSFTTrainer``: TRL's ``SFTTrainer`` training the active stack, with the load-balance loss logged apart.
 
-The load-balance loss reaches the gradients inside the hooks (see
+The load-balance loss (paper eq. 7, ``alpha * sum over projections of E * sum_i f_i P_i``, see
+:mod:`brainstacks_hooks.stacks.moe_lora`) reaches the gradients inside the hooks (see
 :class:`~brainstacks_hooks.stacks.moe_lora.AuxLossInjector`), so it also works under reentrant gradient
-checkpointing; this trainer scales it for gradient accumulation and logs ``aux_loss`` next to the task
-``loss`` (the paper's "train loss 7.44" was their sum).
+checkpointing; it is never part of the loss tensor that ``compute_loss`` returns. This trainer sets its
+gradient scale to ``1 / gradient-accumulation steps`` and logs, at each logging step:
+
+* ``loss``: the task loss only (completion cross-entropy), as the Trainer computes it;
+* ``load_balance_loss``: the value the hooks add to the objective, coefficient applied and summed over
+  the projections, per optimizer step (the mean over its micro-batches, which is what the ``1 / GA``
+  gradient scale optimises), averaged over the logging window like ``loss``. The objective is
+  ``loss + load_balance_loss`` (the paper's "train loss 7.444" was that sum);
+* ``load_balance_per_projection``: the mean over projections of eq. 7 without the coefficient, to read
+  the balance: K under uniform routing, up to E when every token goes to the same experts.
 """
 
 from __future__ import annotations
@@ -29,16 +38,36 @@ class StackSFTTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, stacks: BrainStacks, **kwargs: Any) -> None:
         self.stacks = stacks
+        self._lb_added = 0.0  # sum over micro-batches of (added load-balance loss) * (its gradient scale)
+        self._lb_steps = 0.0  # sum of the gradient scales: optimizer steps since the last log
+        self._lb_per_projection: list[float] = []
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        self.stacks.aux_grad_scale = 1.0 / max(1, int(steps))  # the task loss is averaged over micro-batches too
+        # The task loss of an optimizer step is the mean over its micro-batches; the injected aux gradient
+        # does not scale with the task loss's upstream gradient, so scale it here, in every case.
+        scale = 1.0 / max(1, int(steps))
+        self.stacks.aux_grad_scale = scale
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        metrics = getattr(self, "_metrics", None)
-        if model.training and isinstance(metrics, dict) and "train" in metrics:
-            metrics["train"]["aux_loss"].append(float(self.stacks.aux_loss()))
+        if model.training and self.stacks.config.aux_loss_coef > 0:
+            added, n = self.stacks.aux_loss(), self._n_aux_projections()
+            if n:
+                self._lb_added += float(added) * scale
+                self._lb_steps += scale
+                self._lb_per_projection.append(float(added) / (self.stacks.config.aux_loss_coef * n))
         return out
+
+    def _n_aux_projections(self) -> int:
+        active = self.stacks.active
+        return sum(m.last_aux is not None for _, m in active.items()) if active is not None else 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._lb_steps > 0:  # a training log (eval logs carry eval_loss)
+            logs["load_balance_loss"] = self._lb_added / self._lb_steps
+            logs["load_balance_per_projection"] = sum(self._lb_per_projection) / len(self._lb_per_projection)
+            self._lb_added, self._lb_steps, self._lb_per_projection = 0.0, 0.0, []
+        super().log(logs, start_time)
 
 
 def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float | None = None,

@@ -1,7 +1,7 @@
 """Null space vs no null space (paper 4.2.2): markdown tables from two finished SFT runs.
 
-    brainstacks train recipes/configs/quickstart_cpu.yaml output_dir=runs/quickstart
-    brainstacks train recipes/configs/quickstart_cpu.yaml null_space.enabled=false output_dir=runs/quickstart_nons
+    brainstacks train quickstart_cpu output_dir=runs/quickstart
+    brainstacks train quickstart_cpu null_space.enabled=false output_dir=runs/quickstart_nons
     python recipes/experiments/ns_vs_nons.py runs/quickstart runs/quickstart_nons
 
 Prints, for each run, the per-round validation losses with acceptance decisions and wall times, the
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+from brainstacks_hooks.run_dir import RunDir
 
 
 def load(run_dir: str) -> dict:
-    return json.loads((Path(run_dir) / "manifest.json").read_text())
+    return RunDir.open(run_dir).manifest.to_dict()
 
 
 def rounds_table(m: dict) -> str:

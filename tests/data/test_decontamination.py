@@ -111,7 +111,7 @@ def test_policies_and_check_domains() -> None:
     only_chat = {"chat": _rows()["chat"]}
     out, rep = decontaminate(only_chat, [])
     assert len(out["chat"]) == 6 and rep.moved == {} and rep.flagged == {"chat->code": 1, "chat->medical": 1}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="reassign, drop or keep"):
         DecontaminationConfig(policy="move")  # type: ignore[arg-type]
 
 

@@ -216,7 +216,7 @@ def test_collator_without_labels_and_with_tensors() -> None:
     assert "labels" not in batch
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty batch"):
         CompletionCollator(pad_token_id=0)([])
 
 

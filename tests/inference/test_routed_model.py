@@ -15,6 +15,7 @@ from brainstacks_hooks.inference.routed_model import GenerationSettings, RoutedM
 from brainstacks_hooks.router.config import RouterConfig
 from brainstacks_hooks.router.model import MetaRouter
 from brainstacks_hooks.router.serialization import save_router
+from brainstacks_hooks.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +33,19 @@ def run_dir(tiny_sft_run, tmp_path):
     router = MetaRouter(token_dim=stacks.model.config.hidden_size, domains=stacks.domains, hidden=16)
     cfg = RouterConfig()
     save_router(router, cfg, out / "router", feature_recipe=cfg.feature_recipe(),
-                base_fingerprint=stacks.fingerprint_dict())
+                base_fingerprint=stacks.fingerprint_dict(), stacks=RunDir.open(out).stack_index().identity())
     return out
 
 
 def _reference_text(run_dir, mode_ctx, prompt):
-    """Generate with BrainStacks.load (all stacks resident) for comparison."""
-    from brainstacks_hooks.data.formatting import format_prompt
-    from brainstacks_hooks.models.loading import load_base_model
+    """Generate with BrainStacks.load (all stacks resident) from the training encoding of the prompt."""
+    from brainstacks_hooks.data.formatting import encode_prompt
 
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    model, tok = load_base_model(manifest["config"]["model"]["name_or_path"], dtype="float32")
+    model, tok = RunDir.open(run_dir).load_base(dtype="float32")
     model.eval()
     stacks = BrainStacks.load(model, run_dir / "stacks")
-    enc = tok([format_prompt(tok, prompt)], return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([encode_prompt(tok, prompt)["input_ids"]])
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with mode_ctx(stacks), torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -109,3 +109,46 @@ def test_generate_cli_json(run_dir, capsys):
     assert main(["-q", "generate", str(run_dir), "--prompt", PROMPTS[0], "--json", "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prompt"] == PROMPTS[0] and "weights" in row["explain"] and "gap" in row["explain"]
+
+
+def test_a_router_trained_on_other_stacks_is_refused(run_dir, caplog):
+    from brainstacks_hooks.errors import StackLoadError
+
+    meta_path = run_dir / "router" / "router.json"
+    meta = json.loads(meta_path.read_text())
+    meta["stacks"][0]["sha256"] = "0" * 64  # as if the chat stack had been retrained since
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StackLoadError, match=r"trained on other stacks.*chat/r0 changed"):
+        RoutedModel.from_run(run_dir)
+    rm = RoutedModel.from_run(run_dir, allow_stack_mismatch=True)  # explicit override: warns, loads
+    assert rm.router is not None and "allow_stack_mismatch=True" in caplog.text
+
+
+_SERVING = """
+import sys
+from brainstacks_hooks.cli.main import main
+from brainstacks_hooks.inference import StackStore
+from brainstacks_hooks.inference.routed_model import GenerationSettings, RoutedModel
+from brainstacks_hooks.router.serving import route_prompt
+
+rm = RoutedModel.from_run({run!r})
+rm.generate(["hello"], mode="routed", settings=GenerationSettings(max_new_tokens=2))
+rm.generate(["hello"], mode="prefix:chat", settings=GenerationSettings(max_new_tokens=2))
+route_prompt({run!r}, "hello")
+assert main(["-q", "route", {run!r}, "hello", "--json"]) == 0
+assert main(["-q", "generate", {run!r}, "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+TRAINING = ("brainstacks_hooks.training", "brainstacks_hooks.router.pipeline", "brainstacks_hooks.router.train",
+            "brainstacks_hooks.router.oracle", "trl", "peft")
+bad = sorted(m for m in sys.modules if m.startswith(TRAINING))
+print("TRAINING_MODULES", bad)
+"""
+
+
+def test_serving_imports_no_training_module(run_dir):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _SERVING.format(run=str(run_dir))], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("TRAINING_MODULES"))
+    assert line == "TRAINING_MODULES []", line

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stacks"))
-from stack_helpers import add_domain, logits
-
-from brainstacks_hooks import BrainStacks, ConfigError, StackLoadError
+from brainstacks_hooks import BrainStacks, ConfigError, StackLoadError, StackStateError
 from brainstacks_hooks.inference import StackBudgetError, StackStore
+from brainstacks_hooks.testing import add_random_stack, logits, make_tiny_llama
 
 DOMAINS = ["chat", "code", "math"]
 
@@ -24,7 +23,7 @@ def _save(path: Path, domains: list[str], rounds: int = 1) -> Path:
     model = make_tiny_llama()
     stacks = BrainStacks.attach(model)
     for i, d in enumerate(domains):
-        add_domain(stacks, d, i + 1, rounds=rounds)
+        add_random_stack(stacks, d, (i + 1) * 10, b_scale=0.05, router_scale=1.0, rounds=rounds)
     stacks.save(path)
     return path
 
@@ -59,6 +58,13 @@ def _one_stack_bytes(path: Path) -> int:
     return next(iter(_store(path)[2])).nbytes
 
 
+def _group_bytes(path: Path) -> int:
+    """Bytes of the hooks' grouped copy of one stack (counted in the budget while its route is active)."""
+    store = _store(path)[2]
+    entry = next(iter(store))
+    return store.route_nbytes({entry.domain: 1.0}) // len(store.stacks_of(entry.domain)) - entry.nbytes
+
+
 def test_only_gated_on_stacks_are_loaded_and_attached(saved):
     _, stacks, store = _store(saved)
     assert stacks.domains == DOMAINS  # index domain order registered up front
@@ -89,26 +95,29 @@ def test_cache_hit_reads_nothing(saved, tiny_batch):
 
 
 def test_budget_never_exceeded(many):
-    one = _one_stack_bytes(many)
-    budget = 3 * one + one // 2
-    _, stacks, store = _store(many, budget_bytes=budget)
+    one, group = _one_stack_bytes(many), _group_bytes(many)
+    budget = 3 * (one + group) + one // 2
+    model, stacks, store = _store(many, budget_bytes=budget)
+    assert stacks.group_cache_size == 1  # the store keeps only the current route's grouped copy
     rng = random.Random(0)
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     for _ in range(60):
         route = {d: rng.uniform(0.1, 1.0) for d in rng.sample(store.domains, rng.randint(1, 3))}
         store.activate(route)
-        assert store.stats().resident_bytes <= budget
-        assert len(store.resident) <= 3
+        logits(model, batch)  # builds the grouped copy of the route
+        held = store.stats().resident_bytes + stacks.group_cache_bytes()
+        assert held <= store.device_bytes() <= budget  # stacks and grouped copy, all inside the budget
         assert sorted(s.domain for s in stacks.frozen_stacks) == sorted(route)
     assert store.stats().evictions > 0
     before = (store.attached, store.resident)
-    with pytest.raises(StackBudgetError, match="budget"):
+    with pytest.raises(StackBudgetError, match="grouped copy"):
         store.activate({d: 1.0 for d in store.domains[:4]})
     assert (store.attached, store.resident) == before  # a refused route changes nothing
 
 
 def test_eviction_is_lru(many):
-    one = _one_stack_bytes(many)
-    _, _, store = _store(many, budget_bytes=3 * one)
+    one, group = _one_stack_bytes(many), _group_bytes(many)
+    _, _, store = _store(many, budget_bytes=3 * one + 2 * group)  # 3 stacks + the copy of a 2-stack route
     for d in ("d00", "d01", "d02"):
         store.activate({d: 1.0})
     store.activate({"d00": 1.0})  # hit: d00 becomes most recently used
@@ -123,7 +132,7 @@ def test_logits_and_generation_identical_from_cache_disk_and_full_load(saved, ti
     weights = {"chat": 0.7, "math": 0.3}
     want = _reference(saved, weights, tiny_batch)
     two = 2 * _one_stack_bytes(saved)
-    model, stacks, store = _store(saved, budget_bytes=2 * two)  # room for two domains
+    model, stacks, store = _store(saved, budget_bytes=2 * two + 4 * _group_bytes(saved))  # room for two domains
     assert store.activate(weights).loaded  # from disk
     from_disk = logits(model, tiny_batch)
     gen_args = dict(input_ids=tiny_batch["input_ids"][:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -209,7 +218,8 @@ def test_routing_by_name_whatever_the_index_order(saved, tiny_batch):
     index = json.loads((saved / "brainstacks.json").read_text())
     shuffled = saved.parent / "shuffled"
     shuffled.mkdir()
-    (shuffled / "stacks").symlink_to(saved / "stacks")
+    for f in saved.glob("*.safetensors"):
+        (shuffled / f.name).symlink_to(f)
     index["stacks"] = list(reversed(index["stacks"]))
     (shuffled / "brainstacks.json").write_text(json.dumps(index))
     model, stacks, store = _store(shuffled)
@@ -225,7 +235,7 @@ def test_routing_by_name_whatever_the_index_order(saved, tiny_batch):
 
 def test_host_tier_promotes_without_disk_read(many, tiny_batch):
     one = _one_stack_bytes(many)
-    model, _, store = _store(many, budget_bytes=one, host_budget_bytes=2 * one)
+    model, _, store = _store(many, budget_bytes=one + _group_bytes(many), host_budget_bytes=2 * one)
     store.activate({"d00": 1.0})
     want = logits(model, tiny_batch)
     store.activate({"d01": 1.0})
@@ -249,11 +259,25 @@ def test_prefetch_on_cpu_loads_without_attaching(saved):
 
 
 def test_index_read_once(saved, monkeypatch):
-    _, _, store = _store(saved)
+    opened = []  # every open() of the index file, whoever reads it
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.basename(os.fsdecode(file)) == "brainstacks.json":
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's read_text / open
+    _, stacks, store = _store(saved)
+    assert len(opened) == 1  # the constructor read it once
     monkeypatch.setattr(Path, "iterdir", lambda self: pytest.fail("activate rescanned a directory"))
-    (saved / "brainstacks.json").unlink()  # the index is not read again
+    (saved / "brainstacks.json").unlink()  # activate works without it: nothing reads it again
     store.activate({"code": 1.0})
+    assert [s.domain for s in stacks.frozen_stacks] == ["code", "code"]
     store.activate({"chat": 1.0, "math": 0.5})
+    assert sorted({s.domain for s in stacks.frozen_stacks}) == ["chat", "math"]
+    assert len(opened) == 1 and store.stats().misses == 6
 
 
 def test_invalid_routes(saved):
@@ -270,7 +294,7 @@ def test_invalid_routes(saved):
 def test_refuses_stacks_already_holding_store_domains(saved):
     model = make_tiny_llama()
     stacks = BrainStacks.load(model, saved)
-    with pytest.raises(Exception, match="already holds"):
+    with pytest.raises(StackStateError, match="already holds"):
         StackStore(stacks, saved)
 
 
@@ -300,3 +324,40 @@ def test_strict_tensor_checks_with_a_valid_checksum(saved, mutation):
         store.activate({"math": 1.0})
     assert "'math'" in str(err.value) and path.name in str(err.value)
     store.activate({"chat": 1.0})
+
+
+def test_default_budget_is_bounded_and_documented(saved):
+    from brainstacks_hooks.inference.store import default_budget_bytes
+
+    _, _, store = _store(saved)
+    assert store.budget_bytes == pytest.approx(default_budget_bytes("cpu"), rel=0.2)
+    assert 0 < store.budget_bytes < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert _store(saved, budget_bytes=None)[2].budget_bytes is None  # unlimited only when asked for
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        _store(saved, budget_bytes="lots")
+
+
+def _offload_store(saved, device: str):
+    from brainstacks_hooks.stacks.config import StackConfig
+
+    model = make_tiny_llama().to(device)
+    stacks = BrainStacks.attach(model, StackConfig(offload_frozen=True))
+    return model, stacks, StackStore(stacks, saved, budget_bytes=None)
+
+
+def test_offload_frozen_counts_no_grouped_copy_on_the_device(saved, tiny_batch):
+    model, _, store = _offload_store(saved, "cpu")
+    assert store.route_nbytes({"chat": 1.0}) == 2 * _one_stack_bytes(saved)  # nothing grouped on the device
+    store.activate({"chat": 1.0})
+    assert torch.equal(logits(model, tiny_batch), _reference(saved, {"chat": 1.0}, tiny_batch))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_frozen_keeps_stacks_and_grouped_copies_in_host_ram(saved, tiny_batch):
+    model, stacks, store = _offload_store(saved, "cuda")
+    store.activate({"chat": 1.0})
+    logits(model, {k: v.cuda() for k, v in tiny_batch.items()})
+    groups = [g for cache in stacks._groups.values() for g in cache.values()]
+    assert groups and all(g.w_in.device.type == "cpu" for g in groups)
+    assert all(p.device.type == "cpu" for s in stacks.frozen_stacks for p in s.parameters())

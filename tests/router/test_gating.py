@@ -7,6 +7,7 @@ import torch
 
 from brainstacks_hooks.router.gating import apply_gating, route_features, subset_route
 from brainstacks_hooks.router.model import MetaRouter
+from brainstacks_hooks.testing import CharTokenizer
 
 FLOOR, THR = 0.20, 0.12
 
@@ -46,9 +47,9 @@ def test_floor_not_above_threshold_does_not_turn_chat_on():
 
 
 def test_invalid_scores_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
         apply_gating({"a": float("nan")}, FLOOR, "chat", THR)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
         apply_gating({"a": -0.1}, FLOOR, "chat", THR)
 
 
@@ -58,7 +59,7 @@ def test_subset_route_is_the_oracle_view_of_gating():
     assert subset_route(["math"], domains, FLOOR, "chat", THR).weights == {"chat": FLOOR, "math": 1.0}
     assert subset_route(["chat"], domains, FLOOR, "chat", THR).weights == {"chat": 1.0}
     assert subset_route(["code"], ["code", "math"], FLOOR, "chat", THR).weights == {"code": 1.0}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown domains in subset"):
         subset_route(["nope"], domains, FLOOR, "chat", THR)
 
 
@@ -75,15 +76,6 @@ def test_route_features_uses_router_probabilities():
         assert "router_ms" in route.timings
 
 
-class _CharTokenizer:
-    pad_token_id, eos_token_id, bos_token_id = 0, 2, None
-    chat_template = None
-    all_special_ids = [0, 2]
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-
 def test_route_prompts_uses_the_stored_recipe_and_gating(tiny_llama, tmp_path):
     from brainstacks_hooks.router.config import FeatureRecipe, RouterConfig
     from brainstacks_hooks.router.features import compute_features
@@ -96,9 +88,9 @@ def test_route_prompts_uses_the_stored_recipe_and_gating(tiny_llama, tmp_path):
     save_router(router, cfg, tmp_path, feature_recipe=cfg.feature_recipe(), base_fingerprint={"m": 1})
     loaded, meta = load_router(tmp_path)
     prompts = ["What is 2 + 2? Please explain in detail.", "hello"]
-    routes = route_prompts(tiny_llama, _CharTokenizer(), loaded, meta, prompts)
+    routes = route_prompts(tiny_llama, CharTokenizer(), loaded, meta, prompts)
     feats, mask = compute_features(
-        tiny_llama, _CharTokenizer(), prompts, FeatureRecipe(seq_len=6), progress=False
+        tiny_llama, CharTokenizer(), prompts, FeatureRecipe(seq_len=6), progress=False
     )
     assert feats.shape[1] == 6  # the stored seq_len, not a default
     expected = route_features(loaded, feats, mask, 0.3, "chat", 0.4)

@@ -106,14 +106,14 @@ def test_loss_margin_penalty():
 
 
 def test_bad_inputs():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="at least one domain"):
         MetaRouter(8, [])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="duplicate domain names"):
         MetaRouter(8, ["a", "a"])
     router = _router()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="features must be"):
         router(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attention_mask must be"):
         router(torch.randn(2, 3, 24), torch.ones(2, 4))
 
 

@@ -25,6 +25,7 @@ from brainstacks_hooks.router.oracle import (
     select_route_exhaustive,
     select_route_greedy,
 )
+from brainstacks_hooks.testing import CharTokenizer
 
 RowLoss = Callable[[dict[str, float] | None], float]
 
@@ -188,7 +189,7 @@ def test_greedy_search_beyond_exhaustive_limit():
 
 
 def test_search_rejects_bad_loss_fn_output():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="finite losses"):
         search_routes(lambda w, rows: torch.full((len(rows),), float("nan")), 1, ["a"], cfg())
 
 
@@ -402,21 +403,6 @@ def test_completion_losses_ignore_prompt_and_padding():
 
 
 # ------------------------------------------------------------------------------ real BrainStacks backend
-class CharTokenizer:
-    """Character-level stand-in for a HF tokenizer (no chat template: the fallback prompt format)."""
-
-    pad_token_id, eos_token_id, bos_token_id = 0, 2, None
-    chat_template = None
-    all_special_ids = [0, 2]
-    name_or_path = "char"
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    def __len__(self) -> int:
-        return 96
-
-
 #: Two small examples of two source domains, shared by the real-model oracle tests.
 SMALL_EXAMPLES = [
     OracleExample.make("math", "Add 2 and 3", "", "The answer is 5."),

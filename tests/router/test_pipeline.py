@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from brainstacks_hooks.cli.main import main as cli_main
+from brainstacks_hooks.loss import completion_nll, evaluate_loss
 from brainstacks_hooks.router.config import RouterConfig
 from brainstacks_hooks.router.pipeline import (
     LOSS_MODES,
@@ -25,19 +24,11 @@ from brainstacks_hooks.router.pipeline import (
 )
 from brainstacks_hooks.router.serialization import load_router
 from brainstacks_hooks.router.train import prompt_key
+from brainstacks_hooks.run_dir import RunDir
+from brainstacks_hooks.testing import make_tiny_model_dir, tiny_run_config
 from brainstacks_hooks.training.outer_loop import run_sft
-from brainstacks_hooks.training.validation import completion_nll, evaluate_loss
 
 pytestmark = pytest.mark.slow
-
-_UTILS = Path(__file__).resolve().parents[1] / "training" / "pipeline_utils.py"
-
-
-def _pipeline_utils():
-    spec = importlib.util.spec_from_file_location("router_test_pipeline_utils", _UTILS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _router_config(**overrides) -> RouterPipelineConfig:
@@ -51,11 +42,10 @@ def _router_config(**overrides) -> RouterPipelineConfig:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, data_dir):
-    pu = _pipeline_utils()
-    model_dir = pu.make_tiny_model_dir(tmp_path_factory.mktemp("models"))
+    model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("models"))
     # The smallest run that still accepts one stack per domain: 2 steps, 1 round, 8 train / 4 val rows.
-    cfg = pu.tiny_run_config(model_dir, tmp_path_factory.mktemp("run") / "out", domains=("chat", "code"),
-                             max_steps=2, eval_steps=1, learning_rate=2e-2)
+    cfg = tiny_run_config(model_dir, tmp_path_factory.mktemp("run") / "out", domains=("chat", "code"),
+                          max_steps=2, eval_steps=1, learning_rate=2e-2)
     cfg.inner.max_inner_rounds = 1
     cfg.null_space.enabled = False
     for dom in cfg.domains:
@@ -104,6 +94,10 @@ def test_router_saved_and_loaded_with_the_stacks_fingerprint(router_run, sft_run
     router, meta = load_router(router_run.router_dir, expected_fingerprint=sft_run.stacks.fingerprint_dict())
     assert meta["domains"] == ["chat", "code"] and meta["chat_floor"] == 0.2 and meta["gate_threshold"] == 0.12
     assert meta["feature_recipe"]["seq_len"] == 128
+    run = RunDir.open(sft_run.run_dir)
+    assert meta["stacks"] == run.stack_index().identity() == run.stack_identity()  # bound to these stacks
+    ids = json.loads((run.rows_dir / "router.json").read_text())["ids"]
+    assert len(ids["val_rows"]) == 6 and ids["oracle_train"] and ids["oracle_val"]
     state = router_run.router.state_dict()
     for k, v in router.state_dict().items():
         assert torch.equal(v, state[k].cpu()), k

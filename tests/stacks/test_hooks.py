@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from stack_helpers import add_domain, logits, randomize_active
 from torch import nn
 
 from brainstacks_hooks import BrainStacks, StackBypassed, StackConfig, StackStateError
+from brainstacks_hooks.testing import add_random_stack, logits
 
 
 def test_identity_at_birth(tiny_llama, tiny_batch):
@@ -27,8 +27,8 @@ def test_identity_at_birth(tiny_llama, tiny_batch):
 def test_one_hook_per_projection_whatever_the_number_of_stacks(tiny_llama):
     stacks = BrainStacks.attach(tiny_llama)
     assert len(stacks.targets) == 2 * 7
-    add_domain(stacks, "a", 1, rounds=2)
-    add_domain(stacks, "b", 2)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0, rounds=2)
+    add_random_stack(stacks, "b", 20, b_scale=0.05, router_scale=1.0)
     stacks.new_stack("c")
     for module in stacks.targets.values():
         assert len(module._forward_hooks) == 1
@@ -38,17 +38,17 @@ def test_one_hook_per_projection_whatever_the_number_of_stacks(tiny_llama):
 def test_attach_freezes_base_and_refuses_second_attach(tiny_llama):
     stacks = BrainStacks.attach(tiny_llama)
     assert all(not p.requires_grad for n, p in tiny_llama.named_parameters() if "brainstacks" not in n)
-    with pytest.raises(StackStateError):
+    with pytest.raises(StackStateError, match="already has stacks attached"):
         BrainStacks.attach(tiny_llama)
     stacks.new_stack("a")
-    with pytest.raises(StackStateError):
+    with pytest.raises(StackStateError, match=r"an active stack \('a'\) exists"):
         stacks.new_stack("b")
     assert len(stacks.trainable_parameters()) == 14 * 4
 
 
 def test_submodules_reached_by_state_dict_and_train(tiny_llama):
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     stacks.new_stack("b")
     keys = tiny_llama.state_dict().keys()
     assert any(k.startswith("brainstacks.frozen.0.") for k in keys)
@@ -59,7 +59,7 @@ def test_submodules_reached_by_state_dict_and_train(tiny_llama):
 
 def test_frozen_stacks_bit_identical_after_training_a_later_stack(tiny_llama, tiny_batch):
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     snapshot = {k: v.clone() for k, v in stacks.frozen_stacks[0].tensors().items()}
     stacks.new_stack("b")
     tiny_llama.train()
@@ -77,8 +77,8 @@ def test_frozen_stacks_bit_identical_after_training_a_later_stack(tiny_llama, ti
 def test_frozen_stacks_add_up(tiny_llama, tiny_batch):
     base = logits(tiny_llama, tiny_batch)
     stacks = BrainStacks.attach(tiny_llama, StackConfig(group_frozen=False))
-    add_domain(stacks, "a", 1)
-    add_domain(stacks, "b", 2)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
+    add_random_stack(stacks, "b", 20, b_scale=0.05, router_scale=1.0)
     captured = {}
     with stacks.ungated(), stacks.collect_frozen_deltas(lambda k, d: captured.__setitem__(k, d.clone())):
         logits(tiny_llama, tiny_batch)
@@ -100,8 +100,8 @@ def test_grouped_and_sequential_frozen_compute_agree(tiny_llama, tiny_batch):
     a = BrainStacks.attach(tiny_llama, StackConfig(group_frozen=True))
     b = BrainStacks.attach(twin, StackConfig(group_frozen=False))
     for s in (a, b):
-        add_domain(s, "x", 3, rounds=2)
-        add_domain(s, "y", 4)
+        add_random_stack(s, "x", 30, b_scale=0.05, router_scale=1.0, rounds=2)
+        add_random_stack(s, "y", 40, b_scale=0.05, router_scale=1.0)
     with a.routed({"x": 0.7, "y": 0.3}), b.routed({"x": 0.7, "y": 0.3}):
         torch.testing.assert_close(logits(tiny_llama, tiny_batch), logits(twin, tiny_batch), rtol=1e-4, atol=1e-5)
 
@@ -110,9 +110,8 @@ def test_detach_restores_model_exactly(tiny_llama, tiny_batch):
     keys = set(tiny_llama.state_dict())
     before = logits(tiny_llama, tiny_batch)
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
-    stacks.new_stack("b")
-    randomize_active(stacks, 5)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
+    add_random_stack(stacks, "b", 5, b_scale=0.05, router_scale=1.0, freeze=False)
     assert not torch.equal(logits(tiny_llama, tiny_batch), before)
     stacks.detach()
     assert set(tiny_llama.state_dict()) == keys
@@ -173,13 +172,21 @@ def test_bypass_guard_fires_when_a_kernel_reads_weights_directly():
 def test_bypass_guard_quiet_when_hooks_fire():
     model = _ToyModel(bypass_layer=None)
     stacks = BrainStacks.attach(model, StackConfig(target_modules=("q_proj",), rank=2))
-    stacks.new_stack("a")
-    model(torch.randn(3, 8))
+    x = torch.randn(3, 8)
+    base = model(x)
+    add_random_stack(stacks, "a", 0, freeze=False)  # random B: the active stack changes the output
+    calls = dict.fromkeys(stacks.keys, 0)
+    for key, module in stacks.targets.items():
+        module.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    assert stacks.check_bypass and not stacks.plan.empty  # the guard is armed and has something to guard
+    out = model(x)  # every projection's hook fires: no StackBypassed
+    assert len(calls) == 2 and all(c == 1 for c in calls.values()), calls
+    assert not torch.allclose(out, base)  # and the stack's delta reached the output
 
 
 def test_expert_utilisation_statistics(tiny_llama, tiny_batch):
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     stacks.new_stack("b")
     with stacks.track_expert_utilization() as usage:
         logits(tiny_llama, tiny_batch)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from stack_helpers import add_domain, logits, randomize_active
 
 from brainstacks_hooks import BrainStacks, ConfigError, Mode, StackConfig
 from brainstacks_hooks.stacks.serialization import load_stack
+from brainstacks_hooks.testing import add_random_stack, logits, make_tiny_llama
 
 
 def _three_domains(model):
     stacks = BrainStacks.attach(model)
-    add_domain(stacks, "chat", 1, rounds=2)
-    add_domain(stacks, "code", 2)
-    add_domain(stacks, "math", 3)
+    add_random_stack(stacks, "chat", 10, b_scale=0.05, router_scale=1.0, rounds=2)
+    add_random_stack(stacks, "code", 20, b_scale=0.05, router_scale=1.0)
+    add_random_stack(stacks, "math", 30, b_scale=0.05, router_scale=1.0)
     return stacks
 
 
@@ -32,9 +31,9 @@ def test_prefix_isolated_ungated_select_the_right_stacks(tiny_llama, tiny_batch)
         assert sel() == []
     with stacks.routed({"math": 0.5, "chat": 0.0}):
         assert sel() == [("math", 0)] and stacks.plan.weights == [0.5]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown domain 'legal'.*known domains: chat, code, math"):
         stacks.set_mode("prefix", "legal")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown domains \['legal'\]"):
         stacks.set_mode(Mode.routed({"legal": 1.0}))
 
 
@@ -51,8 +50,7 @@ def test_active_stack_only_in_train_mode(tiny_llama, tiny_batch):
     stacks = _three_domains(tiny_llama)
     with stacks.ungated():
         ungated = logits(tiny_llama, tiny_batch)
-    stacks.new_stack("med")
-    randomize_active(stacks, 9)
+    add_random_stack(stacks, "med", 9, b_scale=0.05, router_scale=1.0, freeze=False)
     with stacks.reference():
         assert torch.equal(logits(tiny_llama, tiny_batch), ungated)
     with stacks.train_mode():
@@ -85,7 +83,7 @@ def test_routed_weights_reach_the_right_domain_whatever_the_load_order(tmp_path,
 
 def test_routed_weight_scales_the_domain_delta(tiny_llama, tiny_batch):
     stacks = BrainStacks.attach(tiny_llama, StackConfig(target_modules=("q_proj",)))
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     got = {}
     for w in (1.0, 0.25):
         with stacks.routed({"a": w}), stacks.collect_frozen_deltas(lambda k, d, w=w: got.setdefault((k, w), d)):
@@ -118,8 +116,7 @@ def test_aux_gradient_identical_with_and_without_reentrant_checkpointing(tiny_ba
             model.gradient_checkpointing_enable({"use_reentrant": True})
             model.enable_input_require_grads()
         torch.manual_seed(3)
-        stacks.new_stack("a")
-        randomize_active(stacks, 4)
+        add_random_stack(stacks, "a", 4, b_scale=0.05, router_scale=1.0, freeze=False)
         model.train()
         torch.manual_seed(0)
         model(**tiny_batch).loss.backward()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from stack_helpers import add_domain, logits, randomize_active
 
 from brainstacks_hooks import BrainStacks
 from brainstacks_hooks.stacks.null_space import fold_into_b, merge_bases, project_out, top_directions
+from brainstacks_hooks.testing import add_random_stack, logits, make_tiny_llama
 
 
 def _rel(delta, v):
@@ -50,11 +50,10 @@ def _bases(stacks, k=4, seed=0):
 
 def test_active_delta_projected_and_frozen_stack_folded(tiny_llama, tiny_batch):
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     bases = _bases(stacks)
     stacks.add_null_space_basis("a", bases)
-    stacks.new_stack("b")
-    randomize_active(stacks, 7)
+    add_random_stack(stacks, "b", 7, b_scale=0.05, router_scale=1.0, freeze=False)
     # active delta in the training forward: train-mode delta minus the frozen part
     seen = {}
     key = "layers.1.gate_proj"
@@ -80,13 +79,11 @@ def test_active_delta_projected_and_frozen_stack_folded(tiny_llama, tiny_batch):
 
 def test_null_space_capacity_and_persistence(tiny_llama, tmp_path, tiny_batch):
     stacks = BrainStacks.attach(tiny_llama)
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     stacks.add_null_space_basis("a", _bases(stacks, k=4))
     cap = stacks.null_space_capacity()
     assert cap["layers.0.q_proj"] == 4 / 32 and cap["layers.0.k_proj"] == 4 / 16
     stacks.save(tmp_path)
-    from conftest import make_tiny_llama
-
     again = BrainStacks.load(make_tiny_llama(), tmp_path)
     for k, v in stacks.null_space.items():
         torch.testing.assert_close(again.null_space[k], v)

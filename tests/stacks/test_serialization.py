@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
-from stack_helpers import add_domain, logits
 
 from brainstacks_hooks import BrainStacks, FingerprintMismatch, StackConfig, StackLoadError
+from brainstacks_hooks.testing import add_random_stack, logits, make_tiny_llama
 from brainstacks_hooks.utils.io import sha256_file
 
 
@@ -18,8 +17,8 @@ from brainstacks_hooks.utils.io import sha256_file
 def saved(tmp_path, tiny_batch):
     model = make_tiny_llama()
     stacks = BrainStacks.attach(model)
-    add_domain(stacks, "chat", 1, rounds=2)
-    add_domain(stacks, "code", 2)
+    add_random_stack(stacks, "chat", 10, b_scale=0.05, router_scale=1.0, rounds=2)
+    add_random_stack(stacks, "code", 20, b_scale=0.05, router_scale=1.0)
     stacks.save(tmp_path / "run")
     out = {}
     for mode in ("ungated", "prefix:chat", "isolated:code"):
@@ -85,13 +84,19 @@ def _bad_config(t, m):
     m["config"] = json.dumps(cfg)
 
 
-@pytest.mark.parametrize("mutate", [_missing_key, _extra_key, _bad_shape, _bad_dtype, _bad_config])
-def test_bad_stack_file_raises_and_leaves_model_untouched(saved, mutate):
+@pytest.mark.parametrize(("mutate", "match"), [
+    (_missing_key, r"missing \['layers\.0\.q_proj\.A'\]"),
+    (_extra_key, r"unexpected \['layers\.9\.q_proj\.A'\]"),
+    (_bad_shape, r"layers\.0\.q_proj\.B has shape"),
+    (_bad_dtype, r"layers\.0\.q_proj\.B has dtype"),
+    (_bad_config, "rank: file 8 != attached 16"),
+])
+def test_bad_stack_file_raises_and_leaves_model_untouched(saved, mutate, match):
     path, _ = saved
     _rewrite(path, mutate)
     model = make_tiny_llama()
     keys = set(model.state_dict())
-    with pytest.raises(StackLoadError):
+    with pytest.raises(StackLoadError, match=match):
         BrainStacks.load(model, path)
     _assert_untouched(model, keys)
 
@@ -100,7 +105,7 @@ def test_checksum_mismatch_and_missing_files(saved):
     path, _ = saved
     model = make_tiny_llama()
     keys = set(model.state_dict())
-    stack_file = next((path / "stacks").iterdir())
+    stack_file = path / json.loads((path / "brainstacks.json").read_text())["stacks"][0]["file"]
     data = bytearray(stack_file.read_bytes())
     data[-5] ^= 0xFF
     stack_file.write_bytes(bytes(data))
@@ -112,7 +117,7 @@ def test_checksum_mismatch_and_missing_files(saved):
     with pytest.raises(StackLoadError, match="not found"):
         BrainStacks.load(model, path / "nowhere")
     (path / "brainstacks.json").write_text("{not json")
-    with pytest.raises(StackLoadError):
+    with pytest.raises(StackLoadError, match="not valid JSON"):
         BrainStacks.load(model, path)
     _assert_untouched(model, keys)
 
@@ -127,14 +132,14 @@ def test_fingerprint_mismatch_even_when_shapes_match(saved):
     stacks = BrainStacks.load(other, path, allow_fingerprint_mismatch=True)  # explicit override warns
     assert len(stacks.frozen_stacks) == 3
     wider = make_tiny_llama(intermediate_size=48)
-    with pytest.raises(FingerprintMismatch):
+    with pytest.raises(FingerprintMismatch, match=r"down_proj: shape \[64, 32\] != \[48, 32\]"):
         BrainStacks.load(wider, path, allow_fingerprint_mismatch=True)  # shapes differ: never allowed
 
 
 def test_frozen_dtype_storage(tmp_path, tiny_batch):
     model = make_tiny_llama()
     stacks = BrainStacks.attach(model, StackConfig(frozen_dtype="bfloat16"))
-    add_domain(stacks, "a", 1)
+    add_random_stack(stacks, "a", 10, b_scale=0.05, router_scale=1.0)
     assert stacks.frozen_stacks[0].dtype == torch.bfloat16
     with stacks.ungated():
         want = logits(model, tiny_batch)

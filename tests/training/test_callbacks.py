@@ -1,9 +1,10 @@
-"""BestStackCallback: seeded with the pre-round loss, restores on spike / NaN / plateau."""
+"""BestStackCallback: seeded with the pre-round loss, restores on spike / NaN / plateau; the trainer's aux log."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import TrainerControl
 
@@ -93,3 +94,45 @@ def test_last_step_is_evaluated_under_a_real_trainer(tiny_llama, tmp_path):
     Trainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows), callbacks=[cb]).train()
     assert [h.step for h in cb.history] == [2, 4, 5]
     assert cb.best_step == 5 and cb.best_loss == 1.7 and cb.stop_reason == "max_steps"
+
+
+def test_stack_trainer_logs_the_load_balance_loss_it_adds(tiny_model_dir, tmp_path):
+    """``load_balance_loss`` is what the hooks add to the objective (alpha * sum over the projections of eq. 7)
+    per optimizer step, i.e. the mean over its micro-batches, which the 1/GA gradient scale optimises."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from brainstacks_hooks.run_config import TrainArgs
+    from brainstacks_hooks.training.trainer import build_trainer, sft_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stacks = BrainStacks.attach(model, StackConfig(rank=4))
+    stacks.new_stack("a")
+    seen = []  # (value added by the hooks, its gradient scale) per micro-batch
+    total = stacks.aux_loss
+
+    def spy():
+        value = total()
+        seen.append((float(value), stacks.aux_grad_scale))
+        return value
+
+    stacks.aux_loss = spy
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(8):
+        ids = torch.randint(3, len(tok), (10,), generator=g).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * 10, "labels": [-100] * 4 + ids[4:]})
+    args = TrainArgs(max_steps=2, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0,
+                     logging_steps=1, max_length=32, bf16=False, use_cpu=True)
+    trainer = build_trainer(stacks, tok, examples, sft_config(args, str(tmp_path), 0))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and len(seen) == 4
+    assert all(scale == 0.5 for _, scale in seen)  # 1 / gradient-accumulation steps
+    n_projections = 2 * 7
+    for step, h in enumerate(logs):
+        added = (seen[2 * step][0] + seen[2 * step + 1][0]) / 2
+        assert h["load_balance_loss"] == pytest.approx(added, rel=1e-6)
+        assert h["load_balance_per_projection"] == pytest.approx(added / (0.01 * n_projections), rel=1e-6)
+        assert 1.5 < h["load_balance_per_projection"] <= 4.0  # near K = 2 for a fresh stack, at most E = 4
+        assert "aux_loss" not in h

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from brainstacks_hooks import BrainStacks, StackConfig
+from brainstacks_hooks.loss import evaluate_loss
 from brainstacks_hooks.training import forgetting
-from brainstacks_hooks.training.validation import evaluate_loss
 
 
 def _val(seed: int) -> list[dict[str, list[int]]]:

@@ -1,0 +1,137 @@
+"""Test utilities: tiny random models, random stacks and a character tokenizer (no download).
+
+Importable like ``transformers.testing_utils``; the test suite's fixtures (``tests/conftest.py``) are thin
+wrappers around these functions, and tests import them from here rather than from ``conftest`` or
+helper files next to the tests. Nothing here is used by the library itself; heavy imports are local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TINY_LLAMA_CONFIG",
+    "CharTokenizer",
+    "add_random_stack",
+    "logits",
+    "make_tiny_llama",
+    "make_tiny_model_dir",
+    "tiny_batch",
+    "tiny_run_config",
+]
+
+#: The tiny Llama of the tests: 2 layers, hidden 32, 4 heads (2 KV heads), vocabulary 96.
+TINY_LLAMA_CONFIG: dict[str, Any] = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+)
+
+
+def make_tiny_llama(seed: int = 0, **overrides: Any):
+    """A random ``LlamaForCausalLM`` built from :data:`TINY_LLAMA_CONFIG` updated with ``overrides``, in eval mode.
+
+    The weights depend only on ``seed`` (``torch.manual_seed(seed)`` right before construction).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {**TINY_LLAMA_CONFIG, **overrides}
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.eval()
+    return model
+
+
+def add_random_stack(stacks, domain: str, seed: int, a_scale: float = 0.2, b_scale: float = 0.2, *,
+                     router_scale: float | None = None, rounds: int = 1, freeze: bool = True) -> None:
+    """Append ``rounds`` stacks for ``domain`` with seeded random weights (non-zero B, so they change the output).
+
+    Round ``r`` draws from ``torch.Generator().manual_seed(seed + r)``, module by module: A ~ N(0, a_scale^2),
+    B ~ N(0, b_scale^2) and, when ``router_scale`` is given, router ~ N(0, router_scale^2) (otherwise the
+    router keeps its initialisation). Each stack is frozen, except with ``freeze=False``, which leaves the last
+    one active (for a test that trains or inspects an active stack).
+    """
+    for r in range(rounds):
+        stacks.new_stack(domain)
+        g = torch.Generator().manual_seed(seed + r)
+        with torch.no_grad():
+            for _, m in stacks.active.items():
+                m.A.copy_(torch.randn(m.A.shape, generator=g) * a_scale)
+                m.B.copy_(torch.randn(m.B.shape, generator=g) * b_scale)
+                if router_scale is not None:
+                    m.router.copy_(torch.randn(m.router.shape, generator=g) * router_scale)
+        if freeze or r < rounds - 1:
+            stacks.freeze_active()
+
+
+def tiny_batch(seed: int = 1, batch: int = 2, length: int = 12, vocab_size: int = 96) -> dict[str, torch.Tensor]:
+    """A random causal-LM batch (``input_ids``, ``attention_mask`` of ones, ``labels`` = ``input_ids``)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on ``batch`` without gradients."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class CharTokenizer:
+    """Character-level stand-in for a HF tokenizer: no chat template (the fallback prompt format), no BOS."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, None
+    chat_template = None
+    all_special_ids = [0, 2]
+    name_or_path = "char"
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+    def __len__(self) -> int:
+        return 96
+
+
+def make_tiny_model_dir(root: str | Path) -> Path:
+    """Save the tiny Llama, with the vocabulary and tokenizer of the embedded SmolLM2, under ``root/tiny-llama``.
+
+    Reuses the folder when it already holds a model. No download beyond the embedded model's own first use.
+    """
+    from transformers import AutoTokenizer
+
+    from .models.embedded import embedded_model_path
+
+    path = Path(root) / "tiny-llama"
+    if (path / "config.json").is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    model = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_run_config(model_dir: str | Path, out: str | Path, domains=("chat", "code"), **train: Any):
+    """A fast SFT :class:`~brainstacks_hooks.run_config.RunConfig` on the tiny model of ``model_dir``.
+
+    Two domains by default, a few steps, 16 train / 8 val rows, 128 tokens; ``train`` overrides ``TrainArgs``.
+    """
+    from .config import from_dict
+    from .run_config import RunConfig
+
+    t = dict(max_steps=4, batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3, warmup_steps=0,
+             max_length=128, eval_steps=2, logging_steps=2, eval_batch_size=8, bf16=False)
+    t.update(train)
+    return from_dict(RunConfig, {
+        "output_dir": str(out),
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "stack": {"rank": 4},
+        "train": t,
+        "inner": {"max_inner_rounds": 2, "min_loss_delta": 0.0001},
+        "null_space": {"num_samples": 8, "directions_per_domain": 8, "max_rows": 256},
+        "domains": [{"name": d, "train_samples": 16, "val_samples": 8} for d in domains],
+    })
