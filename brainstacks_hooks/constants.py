@@ -15,7 +15,8 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 #: Version of the on-disk stack format; bumped on any incompatible change.
 STACK_FORMAT_VERSION = 1
-ROUTER_FORMAT_VERSION = 1
+#: 2: feature standardisation buffers, per-domain head, stack identity (1 is refused: retrain the router).
+ROUTER_FORMAT_VERSION = 2
 
 STACKS_INDEX_FILE = "brainstacks.json"
 #: Version of ``brainstacks.json``: 2 lists one null-space file per domain; 1 (one file for all) is still read.

@@ -104,17 +104,7 @@ def run_quickstart(fast: bool = False, overrides: list[str] | None = None, max_n
 
 
 def router_summary(report: dict[str, Any]) -> str:
-    """A few lines from the router report: accuracy, mixed-set match, per-mode validation losses."""
-    lines = []
-    metrics = report.get("metrics") or report.get("validation") or {}
-    for key in ("single_top1", "mixed_set", "val_bce"):
-        if key in metrics:
-            lines.append(f"{key}: {metrics[key]:.3f}")
-    losses = report.get("val_losses") or {}
-    if losses:
-        lines.append(f"{'domain':<10} " + " ".join(f"{m:>9}" for m in ("prefix", "ungated", "routed")))
-        for d, row in losses.items():
-            if isinstance(row, dict):
-                lines.append(f"{d:<10} " + " ".join(f"{row.get(m, float('nan')):>9.4f}"
-                                                     for m in ("prefix", "ungated", "routed")))
-    return "\n".join(lines) or "(see router/report.json)"
+    """The router's summary table (held-out accuracy, gap signal, loss table; see ``router/report.json``)."""
+    from .router.report import summary_table
+
+    return summary_table(report)

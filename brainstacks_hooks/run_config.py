@@ -70,6 +70,27 @@ class NullSpaceConfig:
 
 
 @dataclass
+class RouterRowsConfig:
+    """Rows SFT sets aside for the meta-router: never trained on by any stack, recorded in the run directory.
+
+    ``train_per_domain`` rows of each domain's *train* split outside SFT's sample become the oracle's rows
+    (``rows/router_train.jsonl``: outcome targets on prompts the stacks never saw, paper 5.1);
+    ``test_per_domain`` rows of its *validation* split outside SFT's validation sample are the held-out rows
+    every router quality number is measured on (``rows/router_test.jsonl``). ``gap_domains`` (e.g.
+    ``[medical, reasoning]`` when the run trains neither) contribute test rows only, to measure the gap flag
+    on prompts of untrained domains.
+    """
+
+    train_per_domain: int = 200
+    test_per_domain: int = 100
+    gap_domains: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.train_per_domain < 0 or self.test_per_domain < 0:
+            raise ConfigError("router_rows.train_per_domain and test_per_domain must be >= 0")
+
+
+@dataclass
 class DomainConfig:
     """One domain of the curriculum."""
 
@@ -97,6 +118,7 @@ class RunConfig:
     decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
     eval_benchmarks: list[str] = field(default_factory=list)  # n-gram decontamination against these eval sets
     domains: list[DomainConfig] = field(default_factory=list)
+    router_rows: RouterRowsConfig = field(default_factory=RouterRowsConfig)
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.domains]

@@ -7,7 +7,9 @@ file                                 written by                     read by
 ==================================== ============================== ===============================================
 ``manifest.json``                    SFT (after every step)         every phase (config, rounds, losses, rows)
 ``rows/sft_train.jsonl``             SFT (once, at the start)       SFT resume, router, RL, experiments
-``rows/sft_val.jsonl``               SFT (once, at the start)       SFT resume, router (oracle and loss table)
+``rows/sft_val.jsonl``               SFT (once, at the start)       SFT resume, router (label-only rows)
+``rows/router_train.jsonl``          SFT (once)                     router (oracle rows: unseen by every stack)
+``rows/router_test.jsonl``           SFT (once)                     router report (held-out quality numbers)
 ``rows/<phase>.json``                router, RL (ids they used)     reports
 ``data_report.json``                 SFT (once)                     users (what cleaning moved or dropped)
 ``stacks/brainstacks.json``          SFT (after every round)        ``BrainStacks.load``, ``StackStore``, router
@@ -75,8 +77,10 @@ TRAINER_SUBDIR = "trainer"
 DATA_REPORT_FILE = "data_report.json"
 FORGETTING_FILE = "forgetting.json"
 FORGETTING_PLOT = "forgetting.png"
-#: Row sets SFT records (``rows/<phase>.jsonl``): the rows each phase after it may use.
+#: Row sets SFT records (``rows/<phase>.jsonl``): the rows each phase after it may use. The router's rows are
+#: disjoint from SFT's: no stack ever trained on them.
 SFT_TRAIN, SFT_VAL = "sft_train", "sft_val"
+ROUTER_TRAIN, ROUTER_TEST = "router_train", "router_test"
 
 
 def library_versions() -> dict[str, str]:
@@ -609,6 +613,8 @@ def stacks_dir_identity(directory: str | os.PathLike) -> list[dict[str, Any]]:
 __all__ = [
     "DATA_REPORT_FILE",
     "LAYOUT_VERSION",
+    "ROUTER_TEST",
+    "ROUTER_TRAIN",
     "SFT_TRAIN",
     "SFT_VAL",
     "STACKS_INDEX_FILE",

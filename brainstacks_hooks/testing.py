@@ -134,4 +134,5 @@ def tiny_run_config(model_dir: str | Path, out: str | Path, domains=("chat", "co
         "inner": {"max_inner_rounds": 2, "min_loss_delta": 0.0001},
         "null_space": {"num_samples": 8, "directions_per_domain": 8, "max_rows": 256},
         "domains": [{"name": d, "train_samples": 16, "val_samples": 8} for d in domains],
+        "router_rows": {"train_per_domain": 6, "test_per_domain": 6},
     })

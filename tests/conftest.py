@@ -40,7 +40,8 @@ def tiny_batch():
 def data_dir() -> Path:
     d = os.environ.get("BRAINSTACKS_DATA_DIR")
     if not d or not Path(d).is_dir():
-        pytest.skip("no BRAINSTACKS_DATA_DIR with the shared data")
+        pytest.fail(f"BRAINSTACKS_DATA_DIR={d!r} is not the shared data directory; set it (make test does) to the "
+                    "folder with <domain>/{train,val}.jsonl and eval/")
     return Path(d)
 
 

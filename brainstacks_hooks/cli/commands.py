@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
 
     run = run_sft(config)
     print(summary_table(run.manifest))
-    print(f"\nstacks: {run.run_dir / 'stacks'}   manifest: {run.manifest.path}   "
+    print(f"\nstacks: {run.run_dir / 'stacks'}   manifest: {run.run.manifest_path}   "
           f"forgetting: {run.run_dir / 'forgetting.png'}")
     return 0
 

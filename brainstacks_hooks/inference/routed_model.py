@@ -125,10 +125,13 @@ class RoutedModel:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], mode: str = "routed",
-                 settings: GenerationSettings | None = None, streamer: Any = None) -> list[Generation]:
+                 settings: GenerationSettings | None = None, streamer: Any = None,
+                 mixed_batches: bool = True) -> list[Generation]:
         """Generate for each prompt under ``mode`` (``routed``, ``ungated``, ``base``, ``prefix:D``, ``isolated:D``).
 
-        Prompts that share a route are generated together in one left-padded batch.
+        In ``routed`` mode every prompt gets its own route; with ``mixed_batches`` (default) all prompts run in
+        one left-padded batch, each row under its own route (``stacks.routed_rows``); otherwise prompts that
+        share a route are generated together and each distinct route is its own batch.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         settings = settings or GenerationSettings()
@@ -138,10 +141,13 @@ class RoutedModel:
             t_route = time.perf_counter()
             routes = list(self.route(prompts))
             route_ms = (time.perf_counter() - t_route) * 1000  # tokenise + features + router + gating
-            groups: dict[str, list[int]] = {}
-            for i, r in enumerate(routes):
-                groups.setdefault(json.dumps(sorted(r.weights.items())), []).append(i)
-            plans = [(Mode.routed(routes[idx[0]].weights), idx) for idx in groups.values()]
+            if mixed_batches and len({json.dumps(sorted(r.weights.items())) for r in routes}) > 1:
+                plans = [(Mode.routed_rows([r.weights for r in routes]), list(range(len(prompts))))]
+            else:
+                groups: dict[str, list[int]] = {}
+                for i, r in enumerate(routes):
+                    groups.setdefault(json.dumps(sorted(r.weights.items())), []).append(i)
+                plans = [(Mode.routed(routes[idx[0]].weights), idx) for idx in groups.values()]
         else:
             routes = [None] * len(prompts)
             plans = [(Mode.parse(mode), list(range(len(prompts))))]
@@ -151,15 +157,18 @@ class RoutedModel:
             report = self.store.activate(self._weights_for(m), set_mode=False)
             load_ms = (time.perf_counter() - t0) * 1000
             t1 = time.perf_counter()
-            with self.stacks.using(m if m.kind != "routed" else report.mode):
+            run_mode = m if m.kind != "routed" or m.row_weights is not None else report.mode
+            with self.stacks.using(run_mode):
                 texts, n_new = self._generate_batch([prompts[i] for i in idx], settings, streamer)
             gen_ms = (time.perf_counter() - t1) * 1000
             for j, i in enumerate(idx):
                 r = routes[i]
+                used = [n for n in report.attached if r is None or n.split("/")[0] in r.weights]
                 explain = Explain(
-                    mode=m.describe(), weights=dict(r.weights) if r else report.weights,
+                    mode=m.describe() if r is None else Mode.routed(r.weights).describe(),
+                    weights=dict(r.weights) if r else report.weights,
                     scores=dict(r.scores) if r else {}, gated_on=list(r.gated_on) if r else sorted(report.weights),
-                    gap=bool(r.gap) if r else False, stacks_used=list(report.attached),
+                    gap=bool(r.gap) if r else False, stacks_used=used,
                     cache_hits=list(report.hits), loaded=list(report.loaded),
                     timings={**({k: round(v, 2) for k, v in r.timings.items()} if r else {}),
                              **({"route_ms": round(route_ms, 2)} if r else {}),

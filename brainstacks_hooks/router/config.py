@@ -87,6 +87,18 @@ class RouterConfig:
     temperature_clamp: tuple[float, float] = field(
         default=(0.3, 3.0), metadata={"help": "Range the learned logit temperature is clamped to."}
     )
+    query_init_std: float = field(
+        default=1.0,
+        metadata={"help": "Std of the initial attention queries (the reference's 0.02 makes every domain "
+                          "attend uniformly: collapsed routes)."},
+    )
+    per_domain_head: bool = field(
+        default=True, metadata={"help": "One output weight vector and bias per domain (False: shared head)."}
+    )
+    normalize_features: bool = field(
+        default=True,
+        metadata={"help": "Standardise each feature dimension with training-prompt statistics (outlier dims)."},
+    )
     # ---- features ----
     seq_len: int = field(
         default=256, metadata={"help": "Prompt tokens seen by the router (train and inference)."}
@@ -118,6 +130,10 @@ class RouterConfig:
         metadata={"help": "Minimum validation prompts (capped at half the prompts for tiny data)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of the split, initialisation and shuffling."})
+    top1_margin: float = field(
+        default=0.05,
+        metadata={"help": "A top-1 counts only when it beats the runner-up score by this much (ties never win)."},
+    )
     score_weight_single: float = field(
         default=0.50, metadata={"help": "Composite score weight of single_top1."}
     )

@@ -96,62 +96,97 @@ def _prompt_of(e: OracleExample) -> str:
 
 @dataclass
 class RouterExamples:
-    """The router's examples, split by prompt (see the module docstring).
+    """The router's examples (see :mod:`brainstacks_hooks.router.pipeline` for where each comes from).
 
     Attributes:
-        train: Training oracle examples (single-domain, then mixed).
-        val: Validation oracle examples (single-domain, then mixed).
-        val_rows: The validation rows per domain (with their ``"encoded"`` SFT example) for the loss table.
+        oracle_train: Oracle examples for training (single-domain rows no stack trained on, then mixed).
+        label_rows: Label-only rows per domain (features only; target = the source domain).
+        test: Held-out single-domain test rows per trained domain (classification metrics).
+        test_oracle: Test examples that also get the oracle and the loss table (single, then mixed).
+        gap_rows: Test rows of domains without stacks (the gap signal).
         info: Counts for the report.
+        row_ids: Row id of every single-domain oracle example (by example id).
     """
 
-    train: list[OracleExample]
-    val: list[OracleExample]
-    val_rows: dict[str, list[dict[str, Any]]]
+    oracle_train: list[OracleExample]
+    label_rows: dict[str, list[dict[str, Any]]]
+    test: dict[str, list[dict[str, Any]]]
+    test_oracle: list[OracleExample]
+    gap_rows: dict[str, list[dict[str, Any]]]
     info: dict[str, Any]
+    row_ids: dict[str, str]
+
+
+def _cap(rows: Sequence[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
+    return [rows[i] for i in seeded_sample_indices(len(rows), n, seed)]
 
 
 def build_router_examples(
     cfg: Any,
     domains: Sequence[str],
-    train_rows: Mapping[str, Sequence[dict[str, Any]]],
-    val_rows: Mapping[str, Sequence[dict[str, Any]]],
+    oracle_rows: Mapping[str, Sequence[dict[str, Any]]],
+    label_pool: Mapping[str, Sequence[dict[str, Any]]],
+    test_rows: Mapping[str, Sequence[dict[str, Any]]],
     tokenizer: Any = None,
 ) -> RouterExamples:
-    """Sample single-domain rows, build mixed prompts and keep every validation prompt out of training.
+    """Sample the router's rows, build mixed prompts and keep every test prompt out of training.
+
+    Args:
+        cfg: The :class:`~.pipeline.RouterPipelineConfig`.
+        domains: Domains with stacks (the router's outputs).
+        oracle_rows: ``rows/router_train`` by domain (no stack trained on them).
+        label_pool: ``rows/sft_train`` by domain (label-only rows are drawn from it).
+        test_rows: ``rows/router_test`` by domain (trained domains and gap domains).
 
     Raises:
         DataError: a prompt ended up on both sides (a guard; unreachable by construction).
     """
     rc = cfg.router
-    val_sel = {d: [val_rows[d][i] for i in seeded_sample_indices(len(val_rows[d]), cfg.val_samples_per_domain,
-                                                                 cfg.seed + 1)]
-               for d in domains if d in val_rows}
-    val_keys = {_row_key(r) for rows in val_sel.values() for r in rows}
-    n_overlap = 0
-    train_pool: dict[str, list[dict[str, Any]]] = {}
-    for d in domains:
-        rows = [r for r in train_rows.get(d, []) if _row_key(r) not in val_keys]
-        n_overlap += len(train_rows.get(d, [])) - len(rows)
-        train_pool[d] = rows
-    if n_overlap:
-        logger.info("dropped %d train rows whose prompt is also a validation prompt", n_overlap)
-    train_single = [_single_example(d, rows[i]) for d, rows in train_pool.items()
-                    for i in seeded_sample_indices(len(rows), cfg.train_samples, cfg.seed)]
-    val_single = [_single_example(d, r) for d, rows in val_sel.items() for r in rows]
+    test = {d: _cap(test_rows.get(d, []), cfg.test_rows_per_domain, cfg.seed + 1) for d in domains}
+    gap = {d: _cap(rows, cfg.test_rows_per_domain, cfg.seed + 1) for d, rows in test_rows.items() if d not in domains}
+    test_keys = {_row_key(r) for rows in (*test.values(), *gap.values()) for r in rows}
+    dropped = 0
+
+    def unseen(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal dropped
+        kept = [r for r in rows if _row_key(r) not in test_keys]
+        dropped += len(rows) - len(kept)
+        return kept
+
+    oracle_pool = {d: unseen(_cap(oracle_rows.get(d, []), cfg.oracle_rows_per_domain, cfg.seed)) for d in domains}
+    labels = {d: unseen(_cap(label_pool.get(d, []), cfg.label_rows_per_domain, cfg.seed + 2)) for d in domains}
+    oracle_keys = {_row_key(r) for rows in oracle_pool.values() for r in rows}
+    labels = {d: [r for r in rows if _row_key(r) not in oracle_keys] for d, rows in labels.items()}
+    if dropped:
+        logger.info("dropped %d training rows whose prompt is also a test prompt", dropped)
     # a mixed prompt must fit the router's window and leave the oracle room for 16 answer tokens
     max_mixed = max(1, min(rc.seq_len, rc.oracle_max_length - 16))
-    train_mixed = build_mixed_examples(train_pool, cfg.mixed_pairs, cfg.seed, tokenizer, max_mixed)
-    val_mixed = build_mixed_examples(val_sel, cfg.val_mixed_pairs, cfg.seed + 1, tokenizer, max_mixed)
-    train, val = train_single + train_mixed, val_single + val_mixed
-    both = {prompt_key(_prompt_of(e)) for e in train} & {prompt_key(_prompt_of(e)) for e in val}
+    row_ids: dict[str, str] = {}
+
+    def single(d: str, r: dict[str, Any]) -> OracleExample:
+        e = _single_example(d, r)
+        row_ids[e.example_id] = r["id"]
+        return e
+
+    train_single = [single(d, r) for d, rows in oracle_pool.items() for r in rows]
+    train_mixed = build_mixed_examples(oracle_pool, cfg.mixed_pairs, cfg.seed, tokenizer, max_mixed)
+    test_single_rows = {d: rows[: cfg.test_oracle_rows_per_domain] for d, rows in test.items()}
+    test_single = [single(d, r) for d, rows in test_single_rows.items() for r in rows]
+    test_mixed = build_mixed_examples(test, cfg.test_mixed_pairs, cfg.seed + 1, tokenizer, max_mixed)
+    train_keys = ({prompt_key(_prompt_of(e)) for e in train_single + train_mixed}
+                  | {_row_key(r) for rows in labels.values() for r in rows})
+    both = train_keys & ({_row_key(r) for rows in (*test.values(), *gap.values()) for r in rows}
+                         | {prompt_key(_prompt_of(e)) for e in test_mixed})
     if both:
-        raise DataError(f"{len(both)} prompts on both sides of the router split")
+        raise DataError(f"{len(both)} prompts on both sides of the router's train/test split")
     info = {
         "oracle_train_single": dict(Counter(e.domain for e in train_single)),
         "oracle_train_mixed": len(train_mixed),
-        "val_single": {d: len(rows) for d, rows in val_sel.items()},
-        "val_mixed": len(val_mixed),
-        "train_rows_dropped_as_val_prompts": n_overlap,
+        "label_only": {d: len(rows) for d, rows in labels.items()},
+        "test": {d: len(rows) for d, rows in test.items()},
+        "test_oracle_single": {d: len(rows) for d, rows in test_single_rows.items()},
+        "test_oracle_mixed": len(test_mixed),
+        "gap_test": {d: len(rows) for d, rows in gap.items()},
+        "train_rows_dropped_as_test_prompts": dropped,
     }
-    return RouterExamples(train, val, val_sel, info)
+    return RouterExamples(train_single + train_mixed, labels, test, test_single + test_mixed, gap, info, row_ids)

@@ -41,9 +41,10 @@ def label_metrics(
     return {"single_top1_label": top1, "mixed_set_label": sets}
 
 
-def recovered_fraction(prefix: float, ungated: float, routed: float, eps: float = 1e-4) -> float | None:
-    """``(ungated - routed) / (ungated - prefix)``, or ``None`` when ungated is not worse than prefix by eps."""
-    den = ungated - prefix
+def recovered_fraction(reference: float, ungated: float, routed: float, eps: float = 1e-4) -> float | None:
+    """``(ungated - routed) / (ungated - reference)``: the share of the gap between ungated and a better
+    reference (the per-example oracle) that routing recovers; ``None`` when ungated is not worse by ``eps``."""
+    den = ungated - reference
     if not math.isfinite(den) or den <= eps:
         return None
     return (ungated - routed) / den
@@ -119,3 +120,67 @@ def measure_timing(
     if gen and out["route_ms_per_prompt"]:
         out["route_over_generate"] = out["route_ms_per_prompt"]["median"] / statistics.median(gen)
     return out
+
+
+def mean_pool(features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask-mean-pooled features ``[N, D]`` (fp32) of ``[N, S, D]`` features."""
+    m = attention_mask.to(torch.float32).unsqueeze(-1)  # [N, S, 1]
+    return (features.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, n_classes: int,
+                 steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> torch.Tensor:
+    """Softmax regression on standardised pooled features: the baseline a router must at least match.
+
+    Args:
+        train_x: ``[N, D]`` pooled training features; ``train_y``: ``[N]`` class indices.
+        test_x: ``[M, D]`` pooled test features.
+        n_classes: Number of classes.
+
+    Returns:
+        ``[M, n_classes]`` class probabilities.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-5)
+    xs, xt = (train_x - mean) / std, (test_x - mean) / std
+    w = (torch.randn(xs.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(xs @ w + b, train_y).backward()
+            opt.step()
+    with torch.no_grad():
+        return torch.softmax(xt @ w + b, dim=1)
+
+
+def label_top1(probs: torch.Tensor, domains: Sequence[str], labels: Sequence[str], min_margin: float = 0.05
+               ) -> dict[str, float]:
+    """Top-1 against the source domain with the tie rule of :func:`~.train.validation_metrics`, plus the mean
+    margin, the mean spread (highest minus lowest score) and the per-domain top-1."""
+    if not len(labels):
+        return {"top1": float("nan"), "top1_margin": float("nan"), "score_spread": float("nan")}
+    idx = torch.tensor([list(domains).index(d) for d in labels])
+    two = probs.topk(min(2, probs.shape[1]), dim=1).values
+    margin = two[:, 0] - two[:, -1]
+    hit = (probs.argmax(1) == idx) & (margin >= min_margin)
+    out = {"top1": float(hit.float().mean()), "top1_margin": float(margin.mean()),
+           "score_spread": float((probs.max(1).values - probs.min(1).values).mean())}
+    for j, d in enumerate(domains):
+        sel = idx == j
+        if bool(sel.any()):
+            out[f"top1_{d}"] = float(hit[sel].float().mean())
+    return out
+
+
+def gap_summary(routes_by_domain: Mapping[str, Sequence[Route]], trained: Sequence[str]) -> dict[str, Any]:
+    """How often the gap flag (every score at or below the gate) is raised, per test domain, and in total for
+    trained vs untrained domains."""
+    per = {d: sum(r.gap for r in rs) / len(rs) for d, rs in routes_by_domain.items() if rs}
+    inside = [r.gap for d, rs in routes_by_domain.items() if d in trained for r in rs]
+    outside = [r.gap for d, rs in routes_by_domain.items() if d not in trained for r in rs]
+    return {"per_domain": per,
+            "trained_domains": sum(inside) / len(inside) if inside else None,
+            "untrained_domains": sum(outside) / len(outside) if outside else None,
+            "n_trained": len(inside), "n_untrained": len(outside)}

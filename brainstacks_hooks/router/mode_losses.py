@@ -15,7 +15,9 @@ from ..loss import completion_nll
 from .gating import Route
 from .metrics import recovered_fraction
 
-LOSS_MODES = ("prefix", "ungated", "routed", "base")
+#: Modes of the loss table; ``isolated`` is the prompt's own domain's stacks alone, ``oracle`` the best route
+#: per example (from the oracle, run at its executed weights).
+LOSS_MODES = ("prefix", "isolated", "ungated", "routed", "base")
 
 
 def example_nll(model: Any, example: Mapping[str, Any], bf16: bool) -> tuple[float, int]:
@@ -31,50 +33,59 @@ def evaluate_val_losses(
     routes: Mapping[str, Sequence[Route]],
     bf16: bool,
     progress: bool = True,
+    oracle_losses: Mapping[str, Sequence[float | None]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, float]]]]:
-    """Per-domain token-weighted completion loss in prefix, ungated, routed and base modes.
+    """Per-domain token-weighted completion loss in every mode of :data:`LOSS_MODES` (and the oracle's).
 
     Args:
         stacks: The :class:`BrainStacks`.
-        val_examples: Encoded validation examples per domain (``input_ids``, ``labels``).
+        val_examples: Encoded examples per domain (``input_ids``, ``labels``).
         routes: The route of each example, aligned with ``val_examples``.
         bf16: bf16 autocast.
         progress: tqdm bar over domains' examples.
+        oracle_losses: The oracle's best-route loss (token mean) of each example, aligned with ``val_examples``.
 
     Returns:
-        ``(table, per_example)``: ``table[d]`` has ``n_examples``, ``n_tokens``, one loss per mode and
-        ``recovered_fraction``; ``per_example[d][i]`` the per-mode mean losses of example ``i``.
+        ``(table, per_example)``: ``table[d]`` has ``n_examples``, ``n_tokens``, one loss per mode, ``oracle``
+        and ``recovered_fraction`` = ``(ungated - routed) / (ungated - oracle)``; ``per_example[d][i]`` the
+        per-mode mean losses of example ``i``.
     """
     table: dict[str, dict[str, Any]] = {}
     per_example: dict[str, list[dict[str, float]]] = {}
     model = stacks.model
     total = sum(len(v) for v in val_examples.values())
-    bar = tqdm(total=total, desc="router eval losses", disable=not progress)
+    bar = tqdm(total=total, desc="router loss table", disable=not progress)
     for d, exs in val_examples.items():
-        sums = dict.fromkeys(LOSS_MODES, 0.0)
-        n_tok = 0
+        sums = dict.fromkeys((*LOSS_MODES, "oracle"), 0.0)
+        n_tok = n_oracle_tok = 0
         rows = []
-        for ex, route in zip(exs, routes[d]):
+        for i, (ex, route) in enumerate(zip(exs, routes[d])):
             row: dict[str, float] = {}
+            c = 0
             for mode in LOSS_MODES:
-                if mode == "prefix":
-                    ctx = stacks.prefix(d)
-                elif mode == "ungated":
-                    ctx = stacks.ungated()
+                if mode in ("prefix", "isolated"):
+                    ctx = stacks.using(mode, d)
                 elif mode == "routed":
                     ctx = stacks.routed(route.weights)
                 else:
-                    ctx = stacks.base_only()
+                    ctx = stacks.ungated() if mode == "ungated" else stacks.base_only()
                 with ctx:
                     s, c = example_nll(model, ex, bf16)
                 sums[mode] += s
                 row[mode] = s / max(c, 1)
+            o = oracle_losses[d][i] if oracle_losses is not None else None
+            if o is not None:
+                row["oracle"] = float(o)
+                sums["oracle"] += float(o) * c
+                n_oracle_tok += c
             n_tok += c
             rows.append(row)
             bar.update(1)
         losses = {m: sums[m] / max(n_tok, 1) for m in LOSS_MODES}
-        table[d] = {"n_examples": len(exs), "n_tokens": n_tok, **losses,
-                    "recovered_fraction": recovered_fraction(losses["prefix"], losses["ungated"], losses["routed"])}
+        oracle = sums["oracle"] / n_oracle_tok if n_oracle_tok == n_tok and n_tok else None
+        table[d] = {"n_examples": len(exs), "n_tokens": n_tok, **losses, "oracle": oracle,
+                    "recovered_fraction": None if oracle is None else
+                    recovered_fraction(oracle, losses["ungated"], losses["routed"])}
         per_example[d] = rows
     bar.close()
     return table, per_example

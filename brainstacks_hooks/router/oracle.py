@@ -4,17 +4,20 @@ For every example the oracle measures the completion loss (token mean over the a
 masked) under candidate routes and turns the best route into a router training target.
 
 **Routes are evaluated as they would run at inference.** A candidate subset ``S`` of domains is executed
-with the weights :func:`~brainstacks_hooks.router.gating.subset_route` gives it, i.e. the router scoring
-``S`` at 1.0 and the rest at 0.0, passed through the same :func:`apply_gating` (chat floor, gate
-threshold) as inference. So the empty route runs chat at the floor (0.2) when a chat domain exists,
-``{math}`` runs math at 1.0 plus chat at the floor, and ``{chat}`` runs chat at 1.0. The stacks-off loss
+with the weights :func:`executed_weights` gives it: the scores a router outputs when it learned the target
+this route gets (``0.8 [d in S] + 0.2 [d in labels]``, the blend below), passed through the same
+:func:`~brainstacks_hooks.router.gating.apply_gating` (chat floor, gate threshold) as inference. For a math
+prompt, ``{math}`` runs math at 1.0 plus chat at the floor (0.2), the empty route runs math at 0.2 and chat
+at the floor, ``{code}`` runs code at 0.8, math at 0.2 and chat at the floor. The stacks-off loss
 (``base_loss``, inside ``bs.base_only()``) is recorded for reporting but is never a candidate: no prompt
 is served that way while the chat floor is on. (The reference code compared "domain + 0.2 chat" against
 a chat-free base, biasing every comparison towards stacks; ``reference_impl.md`` section 11.1 item 14.)
 
 **Search.** With ``n <= exhaustive_max_domains`` (6) domains every subset, the empty one included, is
-evaluated: each route is ONE batched forward over the batch (``2^n`` forwards per batch, plus one for
-the stacks-off loss; identical executed weights are computed once). Beyond that, a greedy
+evaluated. With mixed-route batches (the default) the candidate routes of each example run together, each
+batch row under its own route (``bs.routed_rows``), ``oracle_batch_size`` rows per forward; otherwise each
+route is one batched forward over the batch (``2^n`` forwards per batch, plus one for the stacks-off loss).
+Identical executed weights are computed once. Beyond that, a greedy
 best-improvement search starts at the empty route and repeatedly adds the domain with the lowest loss,
 batching each candidate route over all rows that need it.
 
@@ -70,17 +73,20 @@ from ..loss import autocast_context, eval_mode, token_nll
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from ..utils.logging import get_logger
 from .config import RouterConfig
-from .gating import subset_route
+from .gating import apply_gating
 
 logger = get_logger(__name__)
 
-ORACLE_FORMAT_VERSION = 1
+ORACLE_FORMAT_VERSION = 2  # 2: routes scored at the gated weights of their targets
 #: Loss-table key of the stacks-off forward (``bs.base_only()``); reported, never a candidate route.
 BASE_KEY = "<base>"
 
 #: ``loss_fn(weights, rows) -> losses [len(rows)]``: completion loss of the given batch rows with the
 #: stacks weighted by ``weights`` (``None`` or ``{}``: stacks off).
 LossFn = Callable[[dict[str, float] | None, torch.Tensor], torch.Tensor]
+#: ``multi_fn(items) -> losses [len(items)]``: one forward over ``(weights, row)`` items, each batch row under
+#: its own route (a mixed-route batch; ``None`` or ``{}`` weights: stacks off).
+MultiLossFn = Callable[[list[tuple[dict[str, float] | None, int]]], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------- routes
@@ -102,9 +108,23 @@ def all_route_keys(domains: Sequence[str]) -> list[str]:
     return [route_key([domains[i] for i in range(n) if m >> i & 1], domains) for m in masks]
 
 
-def executed_weights(subset: Iterable[str], domains: Sequence[str], config: RouterConfig) -> dict[str, float]:
-    """The stack weights a route runs with: the gating of scores 1.0 on ``subset``, 0.0 elsewhere."""
-    return subset_route(subset, domains, config.chat_floor, config.chat_domain, config.gate_threshold).weights
+def executed_weights(subset: Iterable[str], domains: Sequence[str], config: RouterConfig,
+                     labels: Iterable[str] = ()) -> dict[str, float]:
+    """The stack weights inference runs when the router outputs exactly the target this route would get.
+
+    The target of a domain is ``blend_discovered * [d in subset] + (1 - blend_discovered) * [d in labels]``
+    (the 0.8 / 0.2 blend of the paper); the weights are those scores after the chat floor and the gate
+    threshold (:func:`~.gating.apply_gating`). So a candidate route is scored at the weights it would run
+    with, not at 1.0: a label domain left out of the route still runs at 0.2 (above the 0.12 gate).
+    """
+    members, lab = set(subset), set(labels)
+    unknown = (members | lab) - set(domains)
+    if unknown - lab:
+        raise ValueError(f"unknown domains in subset: {sorted(unknown - lab)} (domains: {list(domains)})")
+    # rounded as decide() rounds targets: 1 - 0.8 is stored as 0.2, not 0.19999999999999996
+    scores = {d: round(config.blend_discovered * (d in members) + config.blend_label * (d in lab), 12)
+              for d in domains}
+    return apply_gating(scores, config.chat_floor, config.chat_domain, config.gate_threshold).weights
 
 
 def select_route_exhaustive(
@@ -229,8 +249,15 @@ def search_routes(
     domains: Sequence[str],
     config: RouterConfig,
     initial: Sequence[Mapping[str, float] | None] | None = None,
+    multi_fn: MultiLossFn | None = None,
+    rows_per_forward: int = 8,
+    labels: Sequence[Sequence[str]] | None = None,
 ) -> list[dict[str, float]]:
     """Evaluate the routes the oracle needs for a batch of ``n_rows`` examples.
+
+    With ``multi_fn`` (mixed-route batches), the needed (example, route) pairs are run ``rows_per_forward``
+    at a time, each row under its own route: the candidate routes of one example share a forward and have
+    equal lengths (no padding). Without it, one ``loss_fn`` call runs one route over all rows that need it.
 
     Every needed route is evaluated with one ``loss_fn`` call over all rows that need it; routes whose
     executed weights coincide (e.g. the empty route without a chat floor and the stacks-off route) share
@@ -242,6 +269,7 @@ def search_routes(
         domains: Domain names.
         config: Oracle settings (threshold, chat floor, gate threshold, exhaustive limit, soft domains).
         initial: Optional known loss tables per row (e.g. from the cache); only missing routes are run.
+        labels: Label domains of each row: a route runs at :func:`executed_weights` with the row's labels.
 
     Returns:
         One ``{route_key or BASE_KEY: loss}`` table per row.
@@ -254,11 +282,16 @@ def search_routes(
                 needs.setdefault(k, []).append(i)
         if not needs:
             return tables
-        # Group route keys by the weights they execute with: one forward per distinct weight set.
+        row_labels = labels if labels is not None else [()] * n_rows
+        if multi_fn is not None:
+            _run_mixed(multi_fn, needs, tables, domains, config, rows_per_forward, row_labels)
+            continue
+        # Group (route, row) pairs by the weights they execute with: one forward per distinct weight set.
         groups: dict[tuple[tuple[str, float], ...], dict[str, list[int]]] = {}
         for k, rows in needs.items():
-            w = {} if k == BASE_KEY else executed_weights(parse_route_key(k), domains, config)
-            groups.setdefault(tuple(sorted(w.items())), {})[k] = rows
+            for r in rows:
+                w = {} if k == BASE_KEY else executed_weights(parse_route_key(k), domains, config, row_labels[r])
+                groups.setdefault(tuple(sorted(w.items())), {}).setdefault(k, []).append(r)
         for wkey, key_rows in groups.items():
             rows = sorted({r for rs in key_rows.values() for r in rs})
             losses = loss_fn(dict(wkey) or None, torch.tensor(rows, dtype=torch.long))  # [len(rows)]
@@ -269,6 +302,27 @@ def search_routes(
             for k, rs in key_rows.items():
                 for r in rs:
                     tables[r][k] = float(losses[pos[r]])
+
+
+def _run_mixed(multi_fn: MultiLossFn, needs: Mapping[str, list[int]], tables: list[dict[str, float]],
+               domains: Sequence[str], config: RouterConfig, rows_per_forward: int,
+               labels: Sequence[Sequence[str]]) -> None:
+    """Fill ``tables`` with the needed losses through mixed-route forwards (one forward per chunk of pairs)."""
+    # (row, executed weights) -> route keys it answers: routes executing the same weights are run once
+    pairs: dict[tuple[int, tuple[tuple[str, float], ...]], list[str]] = {}
+    for k, rows in needs.items():
+        for r in rows:
+            w = {} if k == BASE_KEY else executed_weights(parse_route_key(k), domains, config, labels[r])
+            pairs.setdefault((r, tuple(sorted(w.items()))), []).append(k)
+    items = sorted(pairs)  # by example row: the routes of one example go into the same forward
+    for start in range(0, len(items), rows_per_forward):
+        chunk = items[start : start + rows_per_forward]
+        losses = multi_fn([(dict(w) or None, r) for r, w in chunk]).detach().float().cpu().reshape(-1)
+        if losses.shape[0] != len(chunk) or not bool(torch.isfinite(losses).all()):
+            raise ValueError(f"multi_fn returned {tuple(losses.shape)} (need {len(chunk)} finite losses)")
+        for (r, w), loss in zip(chunk, losses.tolist()):
+            for k in pairs[(r, w)]:
+                tables[r][k] = float(loss)
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -442,6 +496,25 @@ class StackOracleBackend:
 
         return loss_fn
 
+    def batch_multi_loss_fn(self, examples: Sequence[OracleExample]) -> MultiLossFn:
+        """A :data:`MultiLossFn` over this batch: every row under its own route, in one forward."""
+        batch = self.collator([self._encoded[e.example_id] for e in examples])
+        model = self.bs.model
+        device = next(model.parameters()).device
+
+        @torch.no_grad()
+        def multi_fn(items: list[tuple[dict[str, float] | None, int]]) -> torch.Tensor:
+            rows = torch.tensor([r for _, r in items], dtype=torch.long)
+            mask = batch["attention_mask"][rows]  # [b, L]
+            L = int(mask.sum(dim=1).max())
+            ids = batch["input_ids"][rows, :L].to(device)  # [b, L]
+            labels = batch["labels"][rows, :L].to(device)  # [b, L]
+            with self.bs.routed_rows([w or {} for w, _ in items]), autocast_context(model, self.bf16):
+                logits = model(input_ids=ids, attention_mask=mask[:, :L].to(device), use_cache=False).logits
+            return completion_losses(logits, labels)  # [b]
+
+        return multi_fn
+
 
 def stacks_signature(bs: Any, tokenizer: Any = None) -> str:
     """sha256 identifying everything that determines oracle losses: base fingerprint, frozen stack tensors
@@ -555,6 +628,7 @@ def run_oracle(
     save_every: int = 8,
     progress: bool = True,
     bf16: bool = False,
+    mixed_batches: bool = True,
 ) -> OracleResult:
     """Discover the best route and the router target of every example, using and filling the cache.
 
@@ -568,6 +642,8 @@ def run_oracle(
         save_every: Save a domain's cache every this many batches (a crash loses little).
         progress: Show tqdm bars.
         bf16: Whether ``backend`` runs under bf16 autocast (part of the cache signature).
+        mixed_batches: Run the candidate routes of each example together in mixed-route forwards when the
+            backend supports it (``batch_multi_loss_fn``); ``False``: one forward per route over a batch.
 
     Returns:
         An :class:`OracleResult`.
@@ -621,12 +697,17 @@ def run_oracle(
         batches = range(0, len(usable), bs_)
         for b, start in enumerate(tqdm(batches, desc=f"oracle {source}", disable=not progress)):
             chunk = usable[start : start + bs_]
+            chunk_examples = [e for e, _, _ in chunk]
+            multi = getattr(backend, "batch_multi_loss_fn", None) if mixed_batches else None
             tables = search_routes(
-                backend.batch_loss_fn([e for e, _, _ in chunk]),
+                backend.batch_loss_fn(chunk_examples),
                 len(chunk),
                 domains,
                 config,
                 [i for _, i, _ in chunk],
+                multi_fn=multi(chunk_examples) if multi is not None else None,
+                rows_per_forward=config.oracle_batch_size,
+                labels=[e.labels for e in chunk_examples],
             )
             for (e, _, n), table in zip(chunk, tables):
                 rec = OracleRecord(
@@ -669,6 +750,7 @@ def run_oracle_on_stacks(
     stack_signature: str | None = None,
     progress: bool = True,
     bf16: bool = False,
+    mixed_batches: bool = True,
 ) -> OracleResult:
     """:func:`run_oracle` on a :class:`BrainStacks` model over its frozen domains.
 
@@ -680,7 +762,7 @@ def run_oracle_on_stacks(
     backend = StackOracleBackend(bs, tokenizer, config.oracle_max_length, bf16=bf16)
     with eval_mode(bs.model):
         return run_oracle(examples, config, backend=backend, domains=list(bs.domains), stack_signature=signature,
-                          cache_dir=cache_dir, progress=progress, bf16=bf16)
+                          cache_dir=cache_dir, progress=progress, bf16=bf16, mixed_batches=mixed_batches)
 
 
 # -------------------------------------------------------------------------------------------- analysis

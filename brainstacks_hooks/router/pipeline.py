@@ -71,21 +71,37 @@ import torch
 
 from ..config import to_dict
 from ..data.formatting import encode_rows
-from ..errors import ConfigError
-from ..run_dir import SFT_TRAIN, SFT_VAL, RunDir
+from ..errors import ConfigError, RunDirError
+from ..run_dir import ROUTER_TEST, ROUTER_TRAIN, SFT_TRAIN, RunDir
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from .config import RouterConfig
-from .examples import MIXED_SOURCE, _prompt_of, build_mixed_examples, build_router_examples, user_text
+from .examples import MIXED_SOURCE, build_mixed_examples, build_router_examples, user_text
 from .gating import Route, route_features
-from .metrics import label_metrics, measure_timing, recovered_fraction, route_summary
+from .metrics import (
+    gap_summary,
+    label_metrics,
+    label_top1,
+    linear_probe,
+    mean_pool,
+    measure_timing,
+    recovered_fraction,
+    route_summary,
+)
 from .mode_losses import LOSS_MODES, evaluate_val_losses, example_nll
 from .model import MetaRouter
-from .oracle import cross_domain_analysis, plot_cross_domain, run_oracle_on_stacks
+from .oracle import cross_domain_analysis, plot_cross_domain, run_oracle_on_stacks, targets_tensor
 from .report import PLOT_FILE, REPORT_FILE, REPORT_FORMAT_VERSION, VAL_ROUTES_FILE, json_safe, summary_table
 from .serialization import save_router
 from .serving import load_run_router, route_prompt, router_fingerprint
-from .train import RouterData, RouterTrainResult, evaluate_router, merge_duplicate_prompts, prompt_key, train_router
+from .train import (
+    RouterData,
+    RouterTrainResult,
+    evaluate_router,
+    merge_duplicate_prompts,
+    split_by_prompt,
+    train_router,
+)
 
 logger = get_logger(__name__)
 
@@ -115,34 +131,38 @@ class RouterPipelineConfig:
     """Settings of :func:`train_router_for_run` (YAML-loadable with :func:`brainstacks_hooks.config.load_config`).
 
     Args:
-        run_dir: Finished SFT run directory (``manifest.json`` + ``stacks/``).
+        run_dir: Finished SFT run directory.
         router: Router, oracle and gating settings (paper defaults).
-        samples_per_domain: Training (oracle) examples per domain drawn from its SFT train rows;
-            ``None`` uses ``router.oracle_samples_per_domain``.
-        val_samples_per_domain: Validation rows per domain (router validation and the loss table);
-            ``None`` uses all of the run's validation rows.
-        mixed_pairs: Synthetic mixed prompts for router training (see the module docstring).
-        val_mixed_pairs: Synthetic mixed prompts built from validation rows (the ``mixed_set`` metric).
+        oracle_rows_per_domain: Oracle (outcome-target) rows per domain from ``rows/router_train`` (rows no
+            stack trained on); ``None``: all recorded rows.
+        label_rows_per_domain: Label-only rows per domain from ``rows/sft_train`` (features only, target =
+            the source domain): cheap rows that teach the router which domain a prompt belongs to.
+        test_rows_per_domain: Held-out rows per domain from ``rows/router_test`` for the classification
+            metrics and the gap signal; ``None``: all recorded rows.
+        test_oracle_rows_per_domain: Of those, how many also get the oracle and the loss table (costly).
+        mixed_pairs: Synthetic mixed prompts for training, built from oracle rows (see the module docstring).
+        test_mixed_pairs: Synthetic mixed prompts built from test rows (the held-out ``mixed_set`` metric).
         eval_bf16: bf16 autocast for the oracle and the loss table; ``None`` follows the run's ``train.bf16``
             (the precision of the SFT evaluator, so oracle, SFT and loss-table losses are comparable).
-        timing_prompts: Validation prompts routed one at a time to time features + router.
+        oracle_mixed_batches: Run the candidate routes of an example together in mixed-route forwards.
+        timing_prompts: Test prompts routed one at a time to time features + router.
         generation_prompts: Prompts whose routed generation is timed (0 disables).
         generation_tokens: New tokens generated per timed prompt.
         seed: Seed of the row samples and of the mixed pairs.
         device: Router training device (``None``: the base model's device).
         progress: Show tqdm bars.
-
-    Batch sizes are the router's (``router.oracle_batch_size``, ``router.feature_batch_size`` and
-    ``router.batch_size`` for training); the loss table runs one example at a time (see the module docstring).
     """
 
     run_dir: str = "runs/quickstart"
     router: RouterConfig = field(default_factory=RouterConfig)
-    samples_per_domain: int | None = None
-    val_samples_per_domain: int | None = None
+    oracle_rows_per_domain: int | None = None
+    label_rows_per_domain: int = 200
+    test_rows_per_domain: int | None = None
+    test_oracle_rows_per_domain: int = 20
     mixed_pairs: int = 32
-    val_mixed_pairs: int = 12
+    test_mixed_pairs: int = 12
     eval_bf16: bool | None = None
+    oracle_mixed_batches: bool = True
     timing_prompts: int = 8
     generation_prompts: int = 2
     generation_tokens: int = 64
@@ -153,20 +173,16 @@ class RouterPipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.router, Mapping):
             self.router = RouterConfig.from_dict(dict(self.router))
-        for name in ("samples_per_domain", "val_samples_per_domain"):
+        for name in ("oracle_rows_per_domain", "test_rows_per_domain"):
             v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 or null (got {v})")
-        for name in ("mixed_pairs", "val_mixed_pairs", "timing_prompts", "generation_prompts"):
+            if v is not None and v < 0:
+                raise ConfigError(f"{name} must be >= 0 or null (got {v})")
+        for name in ("label_rows_per_domain", "test_oracle_rows_per_domain", "mixed_pairs", "test_mixed_pairs",
+                     "timing_prompts", "generation_prompts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.generation_tokens < 1:
             raise ConfigError(f"generation_tokens must be >= 1 (got {self.generation_tokens})")
-
-    @property
-    def train_samples(self) -> int:
-        """Training examples per domain (``samples_per_domain`` or the router's oracle setting)."""
-        return self.samples_per_domain or self.router.oracle_samples_per_domain
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -185,8 +201,9 @@ class RouterRunResult:
         report: The ``report.json`` dictionary.
         router_dir: ``run_dir/router``.
         train_result: Training history and split.
-        train_prompts, val_prompts: Prompt texts (user text) on each side of the router split.
-        val_routes: Route and per-mode losses of every validation example.
+        train_prompts: Prompt texts (user text) the router trained on (oracle and label-only rows).
+        test_prompts: Held-out prompt texts it was measured on.
+        val_routes: Route and per-mode losses of every loss-table example.
     """
 
     router: MetaRouter
@@ -195,7 +212,7 @@ class RouterRunResult:
     router_dir: Path
     train_result: RouterTrainResult
     train_prompts: list[str]
-    val_prompts: list[str]
+    test_prompts: list[str]
     val_routes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -220,6 +237,10 @@ def _load_models(run: RunDir, model: Any, tokenizer: Any, stacks: Any) -> tuple[
     return stacks, tokenizer
 
 
+def _pairs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(r["instruction"], r.get("input", "") or "") for r in rows]
+
+
 def train_router_for_run(
     run_dir: str | Path,
     config: RouterPipelineConfig | RouterConfig | None = None,
@@ -240,15 +261,19 @@ def train_router_for_run(
 
     Returns:
         A :class:`RouterRunResult`; ``report.json`` holds the same report.
+
+    Raises:
+        RunDirError: the run is unfinished, or recorded no router rows (a run from before they existed:
+            rerun its train command, which records them and trains nothing).
     """
     t_start = time.perf_counter()
     cfg = _resolve(run_dir, config)
     rc = cfg.router
     run = RunDir.open(run_dir, require_finished=True)
-    run_dir = run.path
-    out_dir = run.router_dir
-    manifest = run.manifest
-    run_config = run.run_config()
+    if not (run.has_rows(ROUTER_TRAIN) and run.has_rows(ROUTER_TEST)):
+        raise RunDirError(f"{run.path}: no router rows recorded (rows/{ROUTER_TRAIN}.jsonl); rerun its train "
+                          "command (`brainstacks train CONFIG output_dir=...`): it records them and trains nothing")
+    run_dir, out_dir, manifest, run_config = run.path, run.router_dir, run.manifest, run.run_config()
     stacks, tokenizer = _load_models(run, model, tokenizer, stacks)
     domains = list(stacks.domains)
     missing = [d for d in manifest.domain_order if d not in domains]
@@ -258,48 +283,52 @@ def train_router_for_run(
     fingerprint = router_fingerprint(stacks.model, run_config.stack)
     recipe = rc.feature_recipe()
 
-    # ---- rows and examples
-    train_rows = run.rows_by_domain(SFT_TRAIN)
-    val_rows = run.rows_by_domain(SFT_VAL)
-    for d, rows in val_rows.items():  # the encoded examples SFT validated on: same encoder, same rows
-        encoded, _ = encode_rows(tokenizer, rows, run_config.train.max_length)
-        by_id = {e["id"]: e for e in encoded}
-        val_rows[d] = [{**r, "encoded": by_id[r["id"]]} for r in rows if r["id"] in by_id]
-    ex = build_router_examples(cfg, domains, train_rows, val_rows, tokenizer)
-    run.write_ids("router", {  # oracle examples by content id; validation rows by their row id
-        "oracle_train": [e.example_id for e in ex.train], "oracle_val": [e.example_id for e in ex.val],
-        "val_rows": [r["id"] for rows in ex.val_rows.values() for r in rows]})
-    train_examples, val_examples, val_sel = ex.train, ex.val, ex.val_rows
-    val_keys_all = {prompt_key(_prompt_of(e)) for e in val_examples}
+    # ---- rows and examples (every test prompt is unseen by SFT and by the router)
+    ex = build_router_examples(cfg, domains, run.rows_by_domain(ROUTER_TRAIN), run.rows_by_domain(SFT_TRAIN),
+                               run.rows_by_domain(ROUTER_TEST), tokenizer)
+    run.write_ids("router", {
+        "oracle_train": [e.example_id for e in ex.oracle_train], "test_oracle": [e.example_id for e in ex.test_oracle],
+        "label_only": [r["id"] for rows in ex.label_rows.values() for r in rows],
+        "test": [r["id"] for rows in (*ex.test.values(), *ex.gap_rows.values()) for r in rows]})
 
-    # ---- oracle
+    # ---- oracle: training rows and the test rows of the loss table
     t0 = time.perf_counter()
-    oracle = run_oracle_on_stacks(stacks, tokenizer, train_examples + val_examples, rc,
-                                  cache_dir=out_dir / "oracle_cache", progress=cfg.progress, bf16=bf16)
+    oracle = run_oracle_on_stacks(stacks, tokenizer, ex.oracle_train + ex.test_oracle, rc,
+                                  cache_dir=out_dir / "oracle_cache", progress=cfg.progress, bf16=bf16,
+                                  mixed_batches=cfg.oracle_mixed_batches)
     oracle_s = time.perf_counter() - t0
-    records = oracle.records
-    by_id = {e.example_id: e for e in train_examples + val_examples}
+    records = {r.example_id: r for r in oracle.records}
+    train_records = [records[e.example_id] for e in ex.oracle_train if e.example_id in records]
+    test_records = [records[e.example_id] for e in ex.test_oracle if e.example_id in records]
+    by_id = {e.example_id: e for e in ex.oracle_train + ex.test_oracle}
 
-    # ---- features (router rows, then every validation prompt for routing)
-    row_prompts = [(by_id[r.example_id].instruction, by_id[r.example_id].input) for r in records]
-    eval_prompts = {d: [(r["instruction"], r.get("input", "") or "") for r in rows] for d, rows in val_sel.items()}
-    flat_eval = [p for ps in eval_prompts.values() for p in ps]
+    # ---- features: training rows (oracle, label-only), then every test prompt
+    oracle_prompts = [(by_id[r.example_id].instruction, by_id[r.example_id].input) for r in train_records]
+    label_flat = [(d, r) for d, rows in ex.label_rows.items() for r in rows]
+    test_flat = [(d, r) for d, rows in (*ex.test.items(), *ex.gap_rows.items()) for r in rows]
+    test_oracle_prompts = [(by_id[r.example_id].instruction, by_id[r.example_id].input) for r in test_records]
+    all_prompts = (oracle_prompts + _pairs([r for _, r in label_flat]) + _pairs([r for _, r in test_flat])
+                   + test_oracle_prompts)
     from .features import FeatureCache
 
     cache = FeatureCache(out_dir / "feature_cache")
     t0 = time.perf_counter()
-    feats, mask = cache.get_or_compute(stacks, tokenizer, row_prompts + flat_eval, recipe, fingerprint=fingerprint,
+    feats, mask = cache.get_or_compute(stacks, tokenizer, all_prompts, recipe, fingerprint=fingerprint,
                                        batch_size=rc.feature_batch_size, progress=cfg.progress)
     features_s = time.perf_counter() - t0
-    n = len(records)
+    n_or, n_lab, n_test = len(oracle_prompts), len(label_flat), len(test_flat)
+    sl_train, sl_test = slice(0, n_or + n_lab), slice(n_or + n_lab, n_or + n_lab + n_test)
+    sl_test_oracle = slice(n_or + n_lab + n_test, len(all_prompts))
 
-    # ---- router training
-    data = RouterData(feats[:n], mask[:n], oracle.targets(domains), [user_text(*p) for p in row_prompts],
-                      torch.tensor([len(r.labels) > 1 for r in records]), domains)
-    labels = {prompt_key(user_text(*p)): list(r.labels) for p, r in zip(row_prompts, records)}
+    # ---- router training: oracle targets + label-only targets; checkpoint on a prompt split of these rows
+    prior = domain_priors(train_records, domains)
+    label_targets = torch.stack([prior[d] for d, _ in label_flat]) if label_flat else torch.zeros(0, len(domains))
+    targets = torch.cat([targets_for(train_records, domains), label_targets])
+    train_texts = [user_text(*p) for p in oracle_prompts] + [user_text(*p) for p in _pairs([r for _, r in label_flat])]
+    is_mixed = torch.tensor([len(r.labels) > 1 for r in train_records] + [False] * n_lab)
+    data = RouterData(feats[sl_train], mask[sl_train], targets, train_texts, is_mixed, domains)
     data, n_conflicts = merge_duplicate_prompts(data)
-    val_idx = [i for i, p in enumerate(data.prompts) if prompt_key(p) in val_keys_all]
-    train_idx = [i for i, p in enumerate(data.prompts) if prompt_key(p) not in val_keys_all]
+    train_idx, val_idx = split_by_prompt(data.prompts, rc.val_fraction, rc.seed, rc.min_val_groups)
     device = cfg.device or str(next(stacks.model.parameters()).device)
     t0 = time.perf_counter()
     result = train_router(data, rc, device=device, split=(train_idx, val_idx), progress=cfg.progress)
@@ -308,48 +337,78 @@ def train_router_for_run(
     meta = save_router(router, rc, out_dir, feature_recipe=recipe, base_fingerprint=fingerprint,
                        stacks=run.stack_index().identity())
 
-    # ---- validation metrics
-    vm = evaluate_router(router, data, 64, device, indices=val_idx)
-    vdata = data.subset(val_idx)
-    probs = router.predict(vdata.features.to(device), vdata.attention_mask.to(device)).float().cpu()
-    lm = label_metrics(probs, domains, [labels[prompt_key(p)] for p in vdata.prompts], vdata.is_mixed)
+    # ---- held-out metrics (rows neither SFT nor the router trained on)
+    test_feats, test_mask = feats[sl_test], mask[sl_test]
+    probs = router.predict(test_feats.to(device), test_mask.to(device)).float().cpu() if n_test else None
+    in_dom = [i for i, (d, _) in enumerate(test_flat) if d in domains]
+    test_labels = [test_flat[i][0] for i in in_dom]
+    held_out = label_top1(probs[in_dom], domains, test_labels, rc.top1_margin) if in_dom else {}
+    pooled_train = mean_pool(data.features, data.attention_mask)
+    probe_y = data.targets.argmax(1)
+    probe = linear_probe(pooled_train, probe_y, mean_pool(test_feats[in_dom], test_mask[in_dom]), len(domains),
+                         seed=rc.seed) if in_dom else None
+    probe_metrics = label_top1(probe, domains, test_labels, 0.0) if probe is not None else {}
+    routes_test = route_features(router, test_feats, test_mask, rc.chat_floor, rc.chat_domain,
+                                 rc.gate_threshold) if n_test else []
+    routes_by_test_domain: dict[str, list[Route]] = {}
+    for (d, _), route in zip(test_flat, routes_test):
+        routes_by_test_domain.setdefault(d, []).append(route)
+    gap = gap_summary(routes_by_test_domain, domains)
+    # against the oracle targets of the test rows (single and mixed)
+    n_to = len(test_records)
+    odata = RouterData(feats[sl_test_oracle], mask[sl_test_oracle], targets_for(test_records, domains),
+                       [user_text(*p) for p in test_oracle_prompts],
+                       torch.tensor([len(r.labels) > 1 for r in test_records]), domains) if n_to else None
+    vm = evaluate_router(router, odata, 64, device, min_margin=rc.top1_margin) if odata is not None else {}
+    lm = label_metrics(router.predict(odata.features.to(device), odata.attention_mask.to(device)).float().cpu(),
+                       domains, [r.labels for r in test_records], odata.is_mixed) if odata is not None else {}
 
-    # ---- cross-domain analysis (single-domain oracle examples, train and validation)
-    singles = [r for r in records if r.domain != MIXED_SOURCE]
+    # ---- cross-domain analysis (single-domain oracle examples, train and test)
+    singles = [r for r in oracle.records if r.domain != MIXED_SOURCE]
     analysis = cross_domain_analysis(singles)
-    mixed_analysis = cross_domain_analysis([r for r in records if r.domain == MIXED_SOURCE])
+    mixed_analysis = cross_domain_analysis([r for r in oracle.records if r.domain == MIXED_SOURCE])
     plot_path = out_dir / PLOT_FILE
     if singles:
         plot_cross_domain(analysis, plot_path)
 
-    # ---- routed losses on every validation example
-    feats_eval, mask_eval = feats[n:], mask[n:]
-    routes_flat = route_features(router, feats_eval, mask_eval, rc.chat_floor, rc.chat_domain, rc.gate_threshold) \
-        if flat_eval else []
-    routes: dict[str, list[Route]] = {}
-    pos = 0
-    for d, ps in eval_prompts.items():
-        routes[d] = routes_flat[pos: pos + len(ps)]
-        pos += len(ps)
-    enc = {d: [r["encoded"] for r in rows] for d, rows in val_sel.items()}
+    # ---- loss table on the single-domain test oracle rows
+    single_test = [(r, i) for i, r in enumerate(test_records) if r.domain != MIXED_SOURCE]
+    routes_to = route_features(router, feats[sl_test_oracle], mask[sl_test_oracle], rc.chat_floor, rc.chat_domain,
+                               rc.gate_threshold) if n_to else []
+    enc_rows: dict[str, list[dict[str, Any]]] = {}
+    enc_routes: dict[str, list[Route]] = {}
+    enc_oracle: dict[str, list[float | None]] = {}
+    row_ids: dict[str, list[str]] = {}
+    for r, i in single_test:
+        e = by_id[r.example_id]
+        encoded, _ = encode_rows(tokenizer, [{"id": r.example_id, "instruction": e.instruction, "input": e.input,
+                                              "output": e.output}], rc.oracle_max_length)
+        if not encoded:
+            continue
+        enc_rows.setdefault(r.domain, []).append(encoded[0])
+        enc_routes.setdefault(r.domain, []).append(routes_to[i])
+        enc_oracle.setdefault(r.domain, []).append(r.best_loss)
+        row_ids.setdefault(r.domain, []).append(r.example_id)
     t0 = time.perf_counter()
-    loss_table, per_example = evaluate_val_losses(stacks, enc, routes, bf16, cfg.progress)
+    loss_table, per_example = evaluate_val_losses(stacks, enc_rows, enc_routes, bf16, cfg.progress, enc_oracle)
     eval_s = time.perf_counter() - t0
-    val_routes = [
-        {"domain": d, "id": row["id"], "prompt": user_text(row["instruction"], row.get("input", "") or "")[:200],
-         "weights": route.weights, "scores": route.scores, "gated_on": route.gated_on, "gap": route.gap,
-         "losses": per_example[d][i]}
-        for d, rows in val_sel.items() for i, (row, route) in enumerate(zip(rows, routes[d]))
-    ]
+    val_routes = []
+    for d in enc_rows:
+        for i, route in enumerate(enc_routes[d]):
+            e = by_id[row_ids[d][i]]
+            val_routes.append({"domain": d, "id": ex.row_ids.get(e.example_id), "example_id": e.example_id,
+                               "prompt": user_text(e.instruction, e.input)[:200], "weights": route.weights,
+                               "scores": route.scores, "gated_on": route.gated_on, "gap": route.gap,
+                               "losses": per_example[d][i]})
 
-    # ---- timing
-    # round-robin over domains, so every domain's prompts are timed
-    interleaved = [p for group in itertools.zip_longest(*eval_prompts.values()) for p in group if p is not None]
-    timing_prompts = interleaved[: cfg.timing_prompts]
-    timing = measure_timing(stacks, tokenizer, router, meta, timing_prompts, cfg.generation_prompts,
-                            cfg.generation_tokens)
+    # ---- timing: round-robin over domains, so every domain's prompts are timed
+    per_domain_prompts = [_pairs(rows) for rows in ex.test.values()]
+    interleaved = [p for group in itertools.zip_longest(*per_domain_prompts) for p in group if p is not None]
+    timing = measure_timing(stacks, tokenizer, router, meta, interleaved[: cfg.timing_prompts],
+                            cfg.generation_prompts, cfg.generation_tokens)
     timing.update({"oracle_s": oracle_s, "features_s": features_s, "router_train_s": train_s, "loss_eval_s": eval_s,
-                   "features_computed": cache.misses,
+                   "features_computed": cache.misses, "oracle_computed": oracle.n_computed,
+                   "oracle_examples_per_min": oracle.n_computed / oracle_s * 60 if oracle.n_computed else None,
                    "features_batched_ms_per_prompt": features_s * 1000.0 / cache.misses if cache.misses else None})
 
     report = {
@@ -358,24 +417,22 @@ def train_router_for_run(
         "router_dir": str(out_dir),
         "domains": domains,
         "config": cfg.to_dict(),
-        "data": {
-            **ex.info,
-            "oracle_skipped": len(oracle.skipped),
-            "merged_duplicate_prompts": n_conflicts,
-            "router_rows": {"train": len(train_idx), "val": len(val_idx)},
-            "prompt_overlap": len({prompt_key(p) for p in data.subset(train_idx).prompts}
-                                  & {prompt_key(p) for p in vdata.prompts}),
-        },
+        "data": {**ex.info, "oracle_skipped": len(oracle.skipped), "merged_duplicate_prompts": n_conflicts,
+                 "router_rows": {"train": len(train_idx), "checkpoint_val": len(val_idx)}},
         "oracle": {"n_cached": oracle.n_cached, "n_computed": oracle.n_computed,
                    "search": "exhaustive" if len(domains) <= rc.exhaustive_max_domains else "greedy",
-                   "n_skipped": len(oracle.skipped)},
+                   "n_skipped": len(oracle.skipped), "mixed_batches": cfg.oracle_mixed_batches},
         "router": {"best_epoch": result.best_epoch, "epochs": rc.epochs, "best_composite": result.best_score,
                    "n_params": meta["n_params"], "history": result.history_dicts()},
-        "validation": {**vm, **lm, "n_single": int((~vdata.is_mixed).sum()), "n_mixed": int(vdata.is_mixed.sum())},
+        "held_out": {**held_out, "n": len(in_dom)},
+        "linear_probe": {**probe_metrics, "n": len(in_dom)},
+        "validation": {**vm, **lm, "n_single": int((~odata.is_mixed).sum()) if odata is not None else 0,
+                       "n_mixed": int(odata.is_mixed.sum()) if odata is not None else 0},
+        "gap": gap,
         "cross_domain": analysis,
         "cross_domain_mixed": mixed_analysis,
         "cross_domain_plot": PLOT_FILE if singles else None,
-        "val_routes_summary": {d: route_summary(rs, domains) for d, rs in routes.items()},
+        "test_routes_summary": {d: route_summary(rs, domains) for d, rs in routes_by_test_domain.items()},
         "val_losses": loss_table,
         "losses_bf16": bf16,
         "manifest_prefix_loss": {d: manifest.domain(d).final_prefix_loss for d in domains},
@@ -387,4 +444,24 @@ def train_router_for_run(
     atomic_write_json(out_dir / VAL_ROUTES_FILE, json_safe(val_routes))
     logger.info("router report written to %s", out_dir / REPORT_FILE)
     return RouterRunResult(router, meta, report, out_dir, result, list(data.subset(train_idx).prompts),
-                           list(vdata.prompts), val_routes)
+                           [user_text(*p) for p in _pairs([r for _, r in test_flat])], val_routes)
+
+
+def domain_priors(records: list[Any], domains: list[str]) -> dict[str, torch.Tensor]:
+    """Target of a label-only row of each domain: the mean oracle target of that domain's oracle rows.
+
+    A label-only row has no oracle run of its own; its source domain's typical outcome (which stacks help that
+    domain's prompts, e.g. ``math: 1.0, code: 0.5``) is a better target than the bare label, which would
+    teach the router to route every prompt to its own domain only. A domain without oracle rows gets its
+    one-hot label.
+    """
+    out = {}
+    for i, d in enumerate(domains):
+        own = [r for r in records if r.domain == d]
+        out[d] = targets_for(own, domains).mean(0) if own else torch.eye(len(domains))[i]
+    return out
+
+
+def targets_for(records: list[Any], domains: list[str]) -> torch.Tensor:
+    """Final oracle targets ``[N, n_domains]`` of ``records``."""
+    return targets_tensor(records, domains).reshape(-1, len(domains))

@@ -28,31 +28,39 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def summary_table(report: Mapping[str, Any]) -> str:
-    """Readable summary of a router report: accuracy, the loss table, the cross-domain table, timings."""
+    """Readable summary of a router report: held-out accuracy beside the linear probe, gap signal, the loss
+    table against the per-example oracle, the cross-domain table and timings."""
     v, r, t = report["validation"], report["router"], report["timing"]
+    h, p, g = report.get("held_out", {}), report.get("linear_probe", {}), report.get("gap", {})
     lines = [
         f"router: {report['router_dir']}  (best epoch {r['best_epoch']}/{r['epochs']}, {r['n_params']:,} params)",
-        f"validation prompts: single-domain top-1 {_fmt(v['single_top1'])} vs oracle targets, "
-        f"{_fmt(v['single_top1_label'])} vs source domain (n={v['n_single']}); "
-        f"mixed-set match {_fmt(v['mixed_set'])} vs oracle, {_fmt(v['mixed_set_label'])} vs labels "
-        f"(n={v['n_mixed']})",
+        f"held-out prompts (n={h.get('n', 0)}, never trained on): top-1 {_fmt(h.get('top1'))} vs source domain "
+        f"(margin {_fmt(h.get('top1_margin'), '.2f')}, spread {_fmt(h.get('score_spread'), '.2f')}); "
+        f"linear probe {_fmt(p.get('top1'))}",
+        f"held-out oracle rows: top-1 {_fmt(v.get('single_top1'))} vs oracle targets (n={v.get('n_single', 0)}), "
+        f"mixed-set match {_fmt(v.get('mixed_set'))} (n={v.get('n_mixed', 0)}), BCE {_fmt(v.get('val_bce'))}, "
+        f"calibration error {_fmt(v.get('calibration'))}",
+        f"gap flag raised: {_fmt(g.get('trained_domains'), '.2f')} of trained-domain prompts, "
+        f"{_fmt(g.get('untrained_domains'), '.2f')} of untrained-domain prompts (n={g.get('n_untrained', 0)})",
         "",
-        f"{'domain':<10} {'prefix':>8} {'ungated':>8} {'routed':>8} {'base':>8} {'recovered':>9}  "
-        f"{'excl.own':>8}  oracle top routes",
+        f"{'domain':<10} {'prefix':>8} {'own':>8} {'ungated':>8} {'routed':>8} {'oracle':>8} {'base':>8} "
+        f"{'recovered':>9}  oracle top routes",
     ]
     cross = report["cross_domain"].get("per_domain", {})
     for d, row in report["val_losses"].items():
         c = cross.get(d, {})
         routes = ", ".join(f"{k} {n}" for k, n in c.get("top_routes", [])[:3])
-        lines.append(f"{d:<10} {_fmt(row['prefix']):>8} {_fmt(row['ungated']):>8} {_fmt(row['routed']):>8} "
-                     f"{_fmt(row['base']):>8} {_fmt(row['recovered_fraction'], '.2f'):>9}  "
-                     f"{_fmt(c.get('excludes_own'), '.2f'):>8}  {routes}")
-    f, rt, g = t.get("features_ms_per_prompt"), t.get("router_ms_per_prompt"), t.get("generate_ms_per_prompt")
+        lines.append(f"{d:<10} {_fmt(row['prefix']):>8} {_fmt(row.get('isolated')):>8} {_fmt(row['ungated']):>8} "
+                     f"{_fmt(row['routed']):>8} {_fmt(row.get('oracle')):>8} {_fmt(row['base']):>8} "
+                     f"{_fmt(row['recovered_fraction'], '.2f'):>9}  {routes}")
+    f, rt, gen = t.get("features_ms_per_prompt"), t.get("router_ms_per_prompt"), t.get("generate_ms_per_prompt")
     timing = (f"timing (median per prompt): features {_fmt(f and f['median'], '.1f')} ms + router "
               f"{_fmt(rt and rt['median'], '.2f')} ms")
-    if g:
-        timing += f"; generating {t['generation_tokens']} tokens {_fmt(g['median'], '.0f')} ms"
+    if gen:
+        timing += f"; generating {t['generation_tokens']} tokens {_fmt(gen['median'], '.0f')} ms"
+    if t.get("oracle_examples_per_min"):
+        timing += f"; oracle {t['oracle_examples_per_min']:.1f} examples/min"
     lines += ["", timing,
-              "(recovered = (ungated - routed) / (ungated - prefix); excl.own = oracle routes without the "
-              "prompt's own domain)"]
+              "(own = the domain's stacks alone; oracle = best route per example; recovered = (ungated - routed) / "
+              "(ungated - oracle))"]
     return "\n".join(lines)

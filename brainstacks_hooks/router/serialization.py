@@ -117,6 +117,7 @@ def save_router(
         "hidden": router.hidden,
         "dropout": router.dropout_p,
         "temp_clamp": list(router.temp_clamp),
+        "per_domain_head": router.per_domain_head,
         "feature_recipe": recipe.to_dict(),
         "chat_floor": config.chat_floor,
         "chat_domain": config.chat_domain,
@@ -232,6 +233,7 @@ def load_router(
             hidden=int(meta["hidden"]),
             dropout=float(meta["dropout"]),
             temp_clamp=(float(meta["temp_clamp"][0]), float(meta["temp_clamp"][1])),
+            per_domain_head=bool(meta.get("per_domain_head", False)),
         )
     except (ConfigError, TypeError, ValueError, IndexError) as e:
         raise StackLoadError(f"{directory}: invalid router metadata ({e})") from e

@@ -192,6 +192,8 @@ class EpochMetrics:
     composite: float
     lr: float
     seconds: float
+    top1_margin: float = float("nan")
+    score_spread: float = float("nan")
 
 
 @dataclass
@@ -244,25 +246,56 @@ def select_best_epoch(history: Sequence[EpochMetrics]) -> EpochMetrics:
     return best
 
 
+def calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error of independent sigmoid scores against 0/1 targets (``targets > 0.5``).
+
+    Scores are put in ``bins`` equal-width bins; the error is the mean over bins of
+    ``|mean score - fraction positive|`` weighted by the bin's share of all (row, domain) scores.
+    """
+    p, y = probs.reshape(-1).float(), (targets.reshape(-1) > 0.5).float()
+    if not len(p):
+        return float("nan")
+    idx = (p * bins).long().clamp(0, bins - 1)
+    err = torch.zeros(())
+    for b in range(bins):
+        sel = idx == b
+        if bool(sel.any()):
+            err += sel.float().mean() * (p[sel].mean() - y[sel].mean()).abs()
+    return float(err)
+
+
 def validation_metrics(
-    probs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, is_mixed: torch.Tensor
+    probs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, is_mixed: torch.Tensor,
+    min_margin: float = 0.05,
 ) -> dict[str, float]:
-    """``val_bce``, ``single_top1`` and ``mixed_set`` (see the module docstring).
+    """``val_bce``, ``single_top1``, ``mixed_set`` and the tie diagnostics (see the module docstring).
+
+    ``single_top1`` counts a single-domain row only when its top domain has the highest target *and* beats the
+    runner-up score by at least ``min_margin``: a router whose scores differ in the fourth decimal scores 0.
+    ``top1_margin`` (mean top minus runner-up score), ``score_spread`` (mean highest minus lowest score) and
+    ``calibration`` (:func:`calibration_error`) are reported beside them.
 
     Args:
         probs: ``[N, n]`` sigmoid probabilities.
         logits: ``[N, n]`` logits (for the BCE).
         targets: ``[N, n]`` targets.
         is_mixed: ``[N]`` bool.
+        min_margin: Score margin a top-1 needs to count.
     """
     nan = float("nan")
     val_bce = float(F.binary_cross_entropy_with_logits(logits, targets)) if len(targets) else nan
     single = ~is_mixed
+    top1_margin = spread = nan
     if bool(single.any()):
-        top = probs[single].argmax(dim=1, keepdim=True)  # [Ns, 1]
+        ps = probs[single]  # [Ns, n]
+        top = ps.argmax(dim=1, keepdim=True)  # [Ns, 1]
         t = targets[single]  # [Ns, n]
-        hit = t.gather(1, top).squeeze(1) >= t.max(dim=1).values - 1e-6  # [Ns]
-        single_top1 = float(hit.float().mean())
+        best = t.gather(1, top).squeeze(1) >= t.max(dim=1).values - 1e-6  # [Ns]
+        two = ps.topk(min(2, ps.shape[1]), dim=1).values  # [Ns, 2]
+        margin = two[:, 0] - two[:, -1] if ps.shape[1] > 1 else two[:, 0]  # [Ns]
+        single_top1 = float((best & (margin >= min_margin)).float().mean())
+        top1_margin = float(margin.mean())
+        spread = float((ps.max(dim=1).values - ps.min(dim=1).values).mean())
     else:
         single_top1 = nan
     if bool(is_mixed.any()):
@@ -270,7 +303,8 @@ def validation_metrics(
         mixed_set = float(same.float().mean())
     else:
         mixed_set = nan
-    return {"val_bce": val_bce, "single_top1": single_top1, "mixed_set": mixed_set}
+    return {"val_bce": val_bce, "single_top1": single_top1, "mixed_set": mixed_set, "top1_margin": top1_margin,
+            "score_spread": spread, "calibration": calibration_error(probs, targets)}
 
 
 @torch.no_grad()
@@ -280,6 +314,7 @@ def evaluate_router(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     indices: Sequence[int] | None = None,
+    min_margin: float = 0.05,
 ) -> dict[str, float]:
     """Validation metrics of ``router`` on ``data`` (or its rows ``indices``), in eval mode."""
     rows = torch.as_tensor(list(indices) if indices is not None else range(len(data)), dtype=torch.long)
@@ -293,7 +328,7 @@ def evaluate_router(
         logits.append(router(f, m).float().cpu())
     router.train(was_training)
     z = torch.cat(logits) if logits else torch.zeros(0, len(data.domains))  # [N, n]
-    return validation_metrics(torch.sigmoid(z), z, data.targets[rows], data.is_mixed[rows])
+    return validation_metrics(torch.sigmoid(z), z, data.targets[rows], data.is_mixed[rows], min_margin)
 
 
 def _cosine(total_steps: int) -> Callable[[int], float]:
@@ -358,8 +393,12 @@ def train_router(
 
     seed_everything(config.seed)
     router = MetaRouter(
-        data.features.shape[-1], data.domains, config.hidden, config.dropout, config.temperature_clamp
-    ).to(device)
+        data.features.shape[-1], data.domains, config.hidden, config.dropout, config.temperature_clamp,
+        query_init_std=config.query_init_std, per_domain_head=config.per_domain_head,
+    )
+    if config.normalize_features:
+        router.fit_feature_norm(data.features[train_rows], data.attention_mask[train_rows])
+    router = router.to(device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps_per_epoch * config.epochs))
@@ -388,7 +427,8 @@ def train_router(
             scheduler.step()
             sums += torch.stack([loss.detach(), bce.detach(), pen.detach()]).cpu() * len(idx)
         train_loss, train_bce, train_margin = (sums / len(train_rows)).tolist()
-        vm = evaluate_router(router, data, max(64, config.batch_size), device, indices=val_idx)
+        vm = evaluate_router(router, data, max(64, config.batch_size), device, indices=val_idx,
+                             min_margin=config.top1_margin)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
@@ -400,6 +440,8 @@ def train_router(
             composite=composite_score(vm["single_top1"], vm["mixed_set"], vm["val_bce"], config),
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0,
+            top1_margin=vm["top1_margin"],
+            score_spread=vm["score_spread"],
         )
         history.append(metrics)
         logger.info(

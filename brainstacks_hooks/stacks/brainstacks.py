@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..models.targets import find_target_modules, projection_features
 from ..utils.io import save_safetensors_atomic
 from ..utils.logging import get_logger
 from .config import StackConfig
-from .modes import Mode, select_frozen
+from .modes import Mode, row_weight_matrix, select_frozen
 from .moe_lora import FrozenGroup
 from .null_space import fold_into_b, merge_bases
 from .serialization import (
@@ -70,24 +70,47 @@ class _StackContainer(nn.Module):
 class _Plan:
     """What the hooks compute in the current mode (rebuilt when the mode or the stacks change)."""
 
-    def __init__(self, frozen: list[Stack], weights: list[float], use_active: bool) -> None:
+    def __init__(self, frozen: list[Stack], weights: list[float], use_active: bool,
+                 row_weights: list[list[float]] | None = None) -> None:
         self.frozen, self.weights, self.use_active = frozen, weights, use_active
+        self.row_weights = row_weights  # [B][N] for a mixed-route batch, else None
         self.uids = tuple(s.uid for s in frozen)
         self._weight_tensors: dict[torch.device, torch.Tensor] = {}
+        self._token_weights: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     @property
     def empty(self) -> bool:
         return not self.frozen and not self.use_active
 
     @property
-    def signature(self) -> tuple[tuple[int, ...], tuple[float, ...], bool]:
+    def signature(self) -> tuple:
         """Equal signatures compute the same function (same stacks, weights and active flag)."""
-        return self.uids, tuple(self.weights), self.use_active
+        rows = None if self.row_weights is None else tuple(map(tuple, self.row_weights))
+        return self.uids, tuple(self.weights), self.use_active, rows
 
     def weight_tensor(self, device: torch.device) -> torch.Tensor:
+        """``[N]`` stack weights shared by every row."""
         t = self._weight_tensors.get(device)
         if t is None:
             t = self._weight_tensors[device] = torch.tensor(self.weights, dtype=torch.float32, device=device)
+        return t
+
+    def token_weights(self, device: torch.device, batch: int, n_tokens: int) -> torch.Tensor:
+        """Weights per token row: ``[N]`` shared, or ``[T, N]`` for a mixed-route batch of ``batch`` rows.
+
+        Raises:
+            StackStateError: the forward's batch size differs from the number of routes.
+        """
+        if self.row_weights is None:
+            return self.weight_tensor(device)
+        if batch != len(self.row_weights):
+            raise StackStateError(f"mixed-route mode has {len(self.row_weights)} routes but the forward has "
+                                  f"{batch} rows")
+        key = (device, n_tokens)
+        t = self._token_weights.get(key)
+        if t is None:
+            rows = torch.tensor(self.row_weights, dtype=torch.float32, device=device)  # [B, N]
+            t = self._token_weights[key] = rows.repeat_interleave(n_tokens // batch, dim=0)  # [T, N]
         return t
 
 
@@ -328,6 +351,14 @@ class BrainStacks:
         """Per-domain weights by name; a domain at 0 (or absent) is neither loaded nor computed."""
         return self.using(Mode.routed(weights))
 
+    def routed_rows(self, rows: Sequence[Mapping[str, float]]):
+        """A mixed-route batch: row ``b`` of every forward in the block runs with weights ``rows[b]``.
+
+        Equal, row by row, to running each row alone under ``routed(rows[b])`` (one forward, no per-row loop:
+        the per-row weights scale the gates inside the grouped frozen compute).
+        """
+        return self.using(Mode.routed_rows(rows))
+
     def base_only(self):
         """No stacks at all."""
         return self.using("base_only")
@@ -338,9 +369,11 @@ class BrainStacks:
 
     def _plan_for(self, mode: Mode) -> _Plan:
         stacks = self.frozen_stacks
-        chosen = select_frozen(mode, self.domain_order, [s.domain for s in stacks])
+        domains = [s.domain for s in stacks]
+        chosen = select_frozen(mode, self.domain_order, domains)
+        rows = row_weight_matrix(mode, self.domain_order, domains, [i for i, _ in chosen])
         return _Plan([stacks[i] for i, _ in chosen], [w for _, w in chosen],
-                     use_active=mode.kind == "train" and self.active is not None)
+                     use_active=mode.kind == "train" and self.active is not None, row_weights=rows)
 
     def _invalidate(self) -> None:
         self._plan = None
@@ -466,17 +499,19 @@ class BrainStacks:
             cache.move_to_end(plan.uids)
         return group
 
-    def _frozen_delta(self, key: str, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def _frozen_delta(self, key: str, x: torch.Tensor, plan: _Plan, batch: int) -> torch.Tensor:
+        """Weighted frozen delta ``[T, d_out]`` of ``x`` ``[T, d_in]`` (``batch`` rows of T / batch tokens)."""
         if self.config.group_frozen:
-            if self.config.offload_frozen:  # the grouped copy stays where the stacks are (host RAM)
-                dev = plan.frozen[0].module_for(key).A.device
-                group = self._group(key, plan, dev)
-                return group(x.to(dev), plan.weight_tensor(dev), self._track).to(x.device)
-            return self._group(key, plan, x.device)(x, plan.weight_tensor(x.device), self._track)
+            dev = plan.frozen[0].module_for(key).A.device if self.config.offload_frozen else x.device
+            group = self._group(key, plan, dev)  # offloaded: the grouped copy stays with the stacks (host RAM)
+            w = plan.token_weights(dev, batch, x.shape[0])  # [N] or [T, N]
+            return group(x.to(dev), w, self._track).to(x.device)
+        w = plan.token_weights(x.device, batch, x.shape[0])
         delta = None
-        for stack, w in zip(plan.frozen, plan.weights):
+        for i, stack in enumerate(plan.frozen):
             m = stack.module_for(key)
-            d = m(x.to(m.A.device), track=self._track).to(x.device) * w  # [T, d_out]
+            wi = w[i] if w.dim() == 1 else w[:, i : i + 1]  # scalar or [T, 1]
+            d = m(x.to(m.A.device), track=self._track).to(x.device) * wi  # [T, d_out]
             delta = d if delta is None else delta + d
         return delta
 
@@ -490,7 +525,8 @@ class BrainStacks:
             x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
             delta = None
             if plan.frozen:
-                delta = self._frozen_delta(key, x2, plan)  # [T, d_out]
+                batch = x.shape[0] if x.dim() > 2 else 1
+                delta = self._frozen_delta(key, x2, plan, batch)  # [T, d_out]
                 for collect in self._collectors:
                     collect(key, delta)
             if plan.use_active:

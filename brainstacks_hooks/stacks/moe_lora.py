@@ -217,7 +217,7 @@ class FrozenGroup:
         self.modules = modules
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, track: bool = False) -> torch.Tensor:
-        """Weighted sum of the N frozen deltas: ``x`` [T, d_in], ``weights`` [N] -> [T, d_out]."""
+        """Weighted sum of the N frozen deltas: ``x`` [T, d_in], ``weights`` [N] (or per token [T, N]) -> [T, d_out]."""
         N, E, r = self.n, self.E, self.r
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.w_in.dtype)
@@ -225,7 +225,8 @@ class FrozenGroup:
         mid = h[:, : N * E * r].view(-1, N, E, r)  # [T, N, E, r]
         logits = h[:, N * E * r :].view(-1, N, E)  # [T, N, E]
         gates, top_idx = top_k_gates(logits, self.k)  # [T, N, E]
-        gates = gates * (weights.to(gates.dtype) * self.scale).view(1, N, 1)
+        w = (weights.to(gates.dtype) * self.scale).view(-1, N, 1)  # [1 or T, N, 1]: shared or per-token route
+        gates = gates * w
         mid = (mid * gates.unsqueeze(-1).to(mid.dtype)).reshape(-1, N * E * r)  # [T, N*E*r]
         if track:
             for i, m in enumerate(self.modules):

@@ -79,3 +79,51 @@ def prepare_run_data(config: RunConfig, tokenizer: Any,
 
             raise DataError(f"domain {dom.name!r} has no usable train or validation examples after cleaning")
     return out
+
+
+def sample_router_rows(config: RunConfig, sft_train_ids: set[str], sft_val_ids: set[str]
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The meta-router's rows (:class:`~brainstacks_hooks.run_config.RouterRowsConfig`), disjoint from SFT's.
+
+    Oracle rows come from each domain's train split outside SFT's train sample (decontaminated like SFT's),
+    test rows from its validation split outside SFT's validation sample (hub sources: the same pool, outside
+    every SFT row). Seeded, so a rerun records the same rows.
+
+    Returns:
+        ``(router_train_rows, router_test_rows, report)``, each row tagged with its ``domain``.
+    """
+    rr, seed = config.router_rows, config.seed + 7
+    used = sft_train_ids | sft_val_ids
+    train_rows: dict[str, list[dict[str, Any]]] = {}
+    test_rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    hf = {d.name: d.hf_sources for d in config.domains if d.hf_sources}
+    names = [d.name for d in config.domains] + [g for g in rr.gap_domains if g not in {d.name for d in config.domains}]
+    for name in names:
+        gap_only = name not in {d.name for d in config.domains}
+        if name in hf:
+            pool, _ = load_domain_rows(name, "train", hf_sources=hf[name], seed=config.seed)
+            pool = [r for r in pool if r["id"] not in used]
+            idx = seeded_sample_indices(len(pool), rr.train_per_domain + rr.test_per_domain, seed)
+            picked = [pool[i] for i in idx]
+            train_pick, test_pick = picked[: rr.train_per_domain], picked[rr.train_per_domain:]
+        else:
+            train_pick = []
+            if not gap_only and rr.train_per_domain:
+                pool, _ = load_domain_rows(name, "train", data_dir=config.data_dir, seed=config.seed)
+                pool = [r for r in pool if r["id"] not in sft_train_ids]
+                train_pick = [pool[i] for i in seeded_sample_indices(len(pool), rr.train_per_domain, seed)]
+            test_pick = []
+            if rr.test_per_domain:
+                pool, _ = load_domain_rows(name, "val", data_dir=config.data_dir, seed=config.seed)
+                pool = [r for r in pool if r["id"] not in sft_val_ids]
+                test_pick = [pool[i] for i in seeded_sample_indices(len(pool), rr.test_per_domain, seed)]
+        if not gap_only:
+            train_rows[name] = train_pick
+        test_rows += [{**r, "domain": name} for r in test_pick]
+        report[name] = {"router_train": len(train_pick), "router_test": len(test_pick), "gap_only": gap_only}
+    eval_texts = load_eval_questions(config.data_dir, config.eval_benchmarks) if config.eval_benchmarks else []
+    train_rows, decon = decontaminate(train_rows, eval_texts, config.decontamination)
+    report["decontamination"] = decon.to_dict()
+    flat_train = [{**r, "domain": d} for d in train_rows for r in train_rows[d]]
+    return flat_train, test_rows, report

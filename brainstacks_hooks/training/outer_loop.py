@@ -25,13 +25,23 @@ from ..errors import TrainingError
 from ..loss import evaluate_loss
 from ..models.loading import load_base_model
 from ..run_config import RunConfig
-from ..run_dir import FORGETTING_FILE, FORGETTING_PLOT, SFT_TRAIN, SFT_VAL, Manifest, RoundRecord, RunDir
+from ..run_dir import (
+    FORGETTING_FILE,
+    FORGETTING_PLOT,
+    ROUTER_TEST,
+    ROUTER_TRAIN,
+    SFT_TRAIN,
+    SFT_VAL,
+    Manifest,
+    RoundRecord,
+    RunDir,
+)
 from ..stacks.brainstacks import BrainStacks
 from ..stacks.serialization import load_stack
 from ..utils.io import atomic_write_json, load_safetensors_checked
 from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
-from .data import DomainExamples, prepare_run_data
+from .data import DomainExamples, prepare_run_data, sample_router_rows
 from .forgetting import forgetting_row, forgetting_summary
 from .inner_loop import run_inner_loop
 from .null_space import collect_domain_basis
@@ -74,13 +84,26 @@ def _restore(stacks: BrainStacks, run: RunDir) -> None:
 
 
 def _prepare_data(config: RunConfig, tokenizer: Any, run: RunDir) -> DomainExamples:
-    """Rows of a new run are loaded, cleaned and recorded; a resumed run reuses the recorded rows."""
+    """Rows of a new run are loaded, cleaned and recorded; a resumed run reuses the recorded rows.
+
+    The router's rows (disjoint from SFT's) are recorded too; a run recorded before they existed gets them
+    on its next session, without changing anything SFT uses.
+    """
     if run.has_rows(SFT_TRAIN) and run.has_rows(SFT_VAL):
-        return prepare_run_data(config, tokenizer, rows=(run.rows_by_domain(SFT_TRAIN), run.rows_by_domain(SFT_VAL)))
-    data = prepare_run_data(config, tokenizer)
-    run.write_data_report(data.report)
-    run.write_rows(SFT_TRAIN, [r for d in config.domains for r in data.train_rows[d.name]])
-    run.write_rows(SFT_VAL, [r for d in config.domains for r in data.val_rows[d.name]])
+        data = prepare_run_data(config, tokenizer, rows=(run.rows_by_domain(SFT_TRAIN), run.rows_by_domain(SFT_VAL)))
+    else:
+        data = prepare_run_data(config, tokenizer)
+        run.write_data_report(data.report)
+        run.write_rows(SFT_TRAIN, [r for d in config.domains for r in data.train_rows[d.name]])
+        run.write_rows(SFT_VAL, [r for d in config.domains for r in data.val_rows[d.name]])
+    if not (run.has_rows(ROUTER_TRAIN) and run.has_rows(ROUTER_TEST)):
+        train_ids = {r["id"] for rows in data.train_rows.values() for r in rows}
+        val_ids = {r["id"] for rows in data.val_rows.values() for r in rows}
+        router_train, router_test, report = sample_router_rows(config, train_ids, val_ids)
+        run.write_rows(ROUTER_TRAIN, router_train)
+        run.write_rows(ROUTER_TEST, router_test)
+        logger.info("router rows set aside (never trained on by a stack): %s",
+                    {d: (v["router_train"], v["router_test"]) for d, v in report.items() if d != "decontamination"})
     return data
 
 

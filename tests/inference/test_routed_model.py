@@ -152,3 +152,15 @@ def test_serving_imports_no_training_module(run_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("TRAINING_MODULES"))
     assert line == "TRAINING_MODULES []", line
+
+
+def test_mixed_route_generation_equals_one_batch_per_route(run_dir):
+    rm = RoutedModel.from_run(run_dir)
+    prompts = [*PROMPTS, "Solve 3 + 4.", "Tell me a story about a cat."]
+    mixed = rm.generate(prompts, mode="routed", settings=SETTINGS)
+    grouped = rm.generate(prompts, mode="routed", settings=SETTINGS, mixed_batches=False)
+    assert [g.text for g in mixed] == [g.text for g in grouped]
+    assert [g.explain.weights for g in mixed] == [g.explain.weights for g in grouped]
+    assert len({json.dumps(sorted(g.explain.weights.items())) for g in mixed}) > 1  # routes differ: one batch
+    for g in mixed:  # each prompt reports the stacks of its own route, not the batch's union
+        assert {s.split("/")[0] for s in g.explain.stacks_used} == set(g.explain.weights)

@@ -1,4 +1,9 @@
-"""Tests of the verifiable rewards: GSM8K final-number match, the format reward and the code reward."""
+"""Tests of the verifiable rewards: GSM8K final-number match, the format reward and the code reward.
+
+Nothing here is skipped: the code-reward tests fail where the machine refuses the sandbox (the
+``full_sandbox`` fixture in ``tests/rl/conftest.py``), and the reference-answer test fails without the
+GSM8K file of the shared data (``$BRAINSTACKS_DATA_DIR/eval/gsm8k.jsonl``).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from brainstacks_hooks.rl.rewards import (
 )
 from brainstacks_hooks.rl.sandbox import SandboxUnavailable
 
-_AVAILABLE, _REASON = sandbox._namespaces_available()
-needs_sandbox = pytest.mark.skipif(not _AVAILABLE, reason=f"sandbox unavailable here: {_REASON}")
+needs_sandbox = pytest.mark.usefixtures("full_sandbox")  # fails where the machine refuses the sandbox
+# tests/conftest.py sets BRAINSTACKS_DATA_DIR to ../shared/data when that exists; the fallback is the same place.
 GSM8K = Path(os.environ.get("BRAINSTACKS_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data")) \
     / "eval" / "gsm8k.jsonl"
 
@@ -68,7 +73,8 @@ def test_extract_final_number(text, expected) -> None:
 
 def test_reference_answers_extract_to_their_final_line() -> None:
     if not GSM8K.is_file():
-        pytest.skip(f"{GSM8K} not found")
+        pytest.fail(f"{GSM8K} not found: set BRAINSTACKS_DATA_DIR to the shared data directory (the one with "
+                    "eval/gsm8k.jsonl)", pytrace=False)
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:300]]
     for row in rows:
         final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
@@ -183,11 +189,10 @@ def test_code_reward_refuses_without_a_sandbox(monkeypatch) -> None:
         code_reward(["def square(x):\n    return x * x"], test_list=[TESTS])
 
 
+@needs_sandbox  # the code_reward example runs code in the sandbox
 def test_docstring_examples() -> None:
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner()
     for test in finder.find(rewards):
-        if test.name.endswith("code_reward") and not _AVAILABLE:
-            continue
         runner.run(test)
     assert runner.failures == 0 and runner.tries >= 8

@@ -1,6 +1,7 @@
 """Tests of the code sandbox: scores, limits, isolation, no trace left, and a score that cannot be forged.
 
-Most tests need the full sandbox (root, namespaces) and are skipped where the machine refuses it; the
+Most tests need the full sandbox (root, namespaces): where the machine refuses it they fail with the probe's
+reason (the ``full_sandbox`` fixture in ``tests/rl/conftest.py``); nothing here is skipped. The
 ``SandboxUnavailable`` and weak-mode tests run everywhere.
 """
 
@@ -23,8 +24,7 @@ from brainstacks_hooks.rl import sandbox
 from brainstacks_hooks.rl.sandbox import SandboxUnavailable, bound_names, plan_test, run_python_tests
 
 REPO = Path(__file__).resolve().parents[2]
-_AVAILABLE, _REASON = sandbox._namespaces_available()
-needs_sandbox = pytest.mark.skipif(not _AVAILABLE, reason=f"sandbox unavailable here: {_REASON}")
+needs_sandbox = pytest.mark.usefixtures("full_sandbox")  # fails where the machine refuses the sandbox
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
@@ -373,10 +373,9 @@ def test_weak_sandbox_is_opt_in_and_warns(monkeypatch, caplog, no_trace) -> None
     assert time.monotonic() - start < 1.0 + 4.0
 
 
+@needs_sandbox  # the run_python_tests example runs code in the sandbox
 def test_docstring_examples() -> None:
     runner = doctest.DocTestRunner()
     for test in doctest.DocTestFinder().find(sandbox):
-        if test.name.endswith("run_python_tests") and not _AVAILABLE:
-            continue
         runner.run(test)
     assert runner.failures == 0 and runner.tries >= 4

@@ -118,6 +118,7 @@ def test_bad_inputs():
 
 
 def test_parameter_count_matches_reference_scale():
-    router = MetaRouter(token_dim=3840, domains=["a", "b", "c", "d", "e"])
-    n = sum(p.numel() for p in router.parameters())
-    assert n == 2_761_730  # the reference router's count (paper: "~2M")
+    shared = MetaRouter(token_dim=3840, domains=["a", "b", "c", "d", "e"], per_domain_head=False)
+    assert sum(p.numel() for p in shared.parameters()) == 2_761_730  # the reference router's count (paper: "~2M")
+    router = MetaRouter(token_dim=3840, domains=["a", "b", "c", "d", "e"])  # one head per domain: 4 more heads
+    assert sum(p.numel() for p in router.parameters()) == 2_761_730 + 4 * (512 + 1)

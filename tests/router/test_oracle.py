@@ -18,6 +18,7 @@ from brainstacks_hooks.router.oracle import (
     completion_losses,
     cross_domain_analysis,
     decide,
+    parse_route_key,
     plot_cross_domain,
     route_key,
     run_oracle,
@@ -43,12 +44,13 @@ class FakeLoss:
 
 
 def by_members(table: Mapping[str, float], domains: Sequence[str], base: float = 9.0) -> RowLoss:
-    """Loss looked up by the set of domains with weight 1.0 (chat at the floor counts as "no chat")."""
+    """Loss looked up by the set of route members: weight >= 0.5 (a member runs at 0.8, or 1.0 when it is also
+    the label; chat at the floor and a label-only domain run at 0.2 and count as "not in the route")."""
 
     def f(weights: dict[str, float] | None) -> float:
         if weights is None:
             return base
-        return table[route_key([d for d, w in weights.items() if w == 1.0], domains)]
+        return table[route_key([d for d, w in weights.items() if w >= 0.5], domains)]
 
     return f
 
@@ -148,8 +150,8 @@ def test_exhaustive_search_one_batched_forward_per_route_with_chat_floor():
     executed = [w for w, _ in fake.calls]
     assert None in executed  # stacks off (base_loss)
     assert {"chat": 0.2} in executed  # the empty route runs chat at the floor
-    assert {"chat": 0.2, "math": 1.0} in executed  # a single domain also gets the chat floor
-    assert {"chat": 1.0} in executed
+    assert {"chat": 0.2, "math": 0.8} in executed  # a single domain also gets the chat floor
+    assert {"chat": 0.8} in executed
     assert out[0][BASE_KEY] == 5.0 and out[0]["code"] == pytest.approx(0.6)
     assert decide(out[0], domains, cfg(), ["code"]).route == ["chat", "code"]
     assert decide(out[1], domains, cfg(), ["code"]).route == []
@@ -437,15 +439,19 @@ def test_stack_backend_end_to_end(tiny_llama, two_domain_stacks, tmp_path):
     tiny_llama.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
     res = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False)
     assert res.skipped == [exs[3].example_id] and len(res.records) == 3
-    # Per source domain: 2 math examples in one batch, 1 chat example: 4 routes + base per batch.
-    assert calls[0] == 2 * 5
+    # Mixed-route batches of 2 rows: math has 2 examples x (4 routes + base) = 10 rows -> 5 forwards, chat
+    # 1 x 5 = 5 rows -> 3 forwards.
+    assert calls[0] == 5 + 3
     rec = res.records[0]
     assert set(rec.losses) == set(all_route_keys(["chat", "math"]))
 
     # Stored losses equal a direct forward with the executed weights (chat at the floor).
     enc = encode_example(tok, exs[0].instruction, "", exs[0].output, 128)
     ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
-    for weights, key in [({"chat": 0.2, "math": 1.0}, "math"), ({"chat": 0.2}, ""), ({"chat": 1.0}, "chat")]:
+    from brainstacks_hooks.router.oracle import executed_weights
+
+    for key in ("math", "", "chat"):
+        weights = executed_weights(parse_route_key(key), ["chat", "math"], c, exs[0].labels)
         with torch.no_grad(), bs.routed(weights):
             direct = completion_losses(tiny_llama(input_ids=ids).logits, labels)[0].item()
         assert rec.losses[key] == pytest.approx(direct, abs=1e-4)
@@ -454,6 +460,11 @@ def test_stack_backend_end_to_end(tiny_llama, two_domain_stacks, tmp_path):
             completion_losses(tiny_llama(input_ids=ids).logits, labels)[0].item(), abs=1e-4
         )
     assert rec.n_tokens == sum(1 for y in enc["labels"] if y != -100)
+
+    # The per-route path (one forward per route over a batch) gives the same losses.
+    per_route = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=None, progress=False, mixed_batches=False)
+    for a, b in zip(res.records, per_route.records):
+        assert a.losses == pytest.approx(b.losses, abs=1e-4) and a.route == b.route
 
     # Cached: no forward on a second run.
     n = calls[0]
@@ -494,3 +505,41 @@ def test_stack_backend_bf16_autocast(tiny_llama, two_domain_stacks, tmp_path):
     m = calls[0]
     again = run_oracle_on_stacks(bs, tok, exs, c, cache_dir=tmp_path, progress=False, bf16=True)
     assert calls[0] == m and again.n_cached == 2
+
+
+def test_routes_are_scored_at_the_gated_weights_inference_would_run():
+    from brainstacks_hooks.router.gating import apply_gating
+    from brainstacks_hooks.router.oracle import executed_weights
+
+    domains, c = ["chat", "code", "math"], cfg()
+    assert executed_weights(["math"], domains, c, ["math"]) == {"chat": 0.2, "math": 1.0}
+    # a label domain left out of the route still runs at 0.2 (above the 0.12 gate), as the trained router would
+    assert executed_weights(["code"], domains, c, ["math"]) == {"chat": 0.2, "code": 0.8, "math": 0.2}
+    assert executed_weights([], domains, c, ["math"]) == {"chat": 0.2, "math": 0.2}
+    # a route is scored at exactly what inference runs for a router that outputs the route's target
+    table = {k: 1.0 for k in all_route_keys(domains)} | {"code+math": 0.4}
+    decision = decide(table, domains, c, ["math"])
+    assert decision.route == ["code", "math"]
+    inference = apply_gating(decision.target, c.chat_floor, c.chat_domain, c.gate_threshold).weights
+    assert inference == executed_weights(decision.route, domains, c, ["math"])
+
+
+def test_mixed_route_search_runs_each_row_at_its_own_gated_weights():
+    from brainstacks_hooks.router.oracle import executed_weights
+
+    domains, c = ["chat", "code", "math"], cfg()
+    seen: list[tuple[dict[str, float] | None, int]] = []
+
+    def multi_fn(items):
+        seen.extend(items)
+        return torch.ones(len(items))
+
+    labels = [["math"], ["code"]]
+    search_routes(lambda w, r: torch.ones(len(r)), 2, domains, c, multi_fn=multi_fn, rows_per_forward=5,
+                  labels=labels)
+    assert len(seen) == 2 * (8 + 1)  # every route of both rows, plus their stacks-off forwards
+    for row, lab in enumerate(labels):
+        got = sorted((tuple(sorted((w or {}).items()))) for w, r in seen if r == row)
+        want = sorted([()] + [tuple(sorted(executed_weights(parse_route_key(k), domains, c, lab).items()))
+                              for k in all_route_keys(domains)])
+        assert got == want

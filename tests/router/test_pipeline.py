@@ -32,10 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 def _router_config(**overrides) -> RouterPipelineConfig:
-    router = RouterConfig(epochs=2, hidden=16, seq_len=128, oracle_samples_per_domain=6, oracle_max_length=128,
-                          oracle_batch_size=8, feature_batch_size=8)
-    kw = dict(router=router, val_samples_per_domain=3, mixed_pairs=2, val_mixed_pairs=2, timing_prompts=1,
-              generation_prompts=1, generation_tokens=2, progress=False)
+    router = RouterConfig(epochs=2, hidden=16, seq_len=128, oracle_max_length=128, oracle_batch_size=8,
+                          feature_batch_size=8)
+    kw = dict(router=router, label_rows_per_domain=4, test_oracle_rows_per_domain=3, mixed_pairs=2,
+              test_mixed_pairs=2, timing_prompts=1, generation_prompts=1, generation_tokens=2, progress=False)
     kw.update(overrides)
     return RouterPipelineConfig(**kw)
 
@@ -48,6 +48,7 @@ def sft_run(tmp_path_factory, data_dir):
                           max_steps=2, eval_steps=1, learning_rate=2e-2)
     cfg.inner.max_inner_rounds = 1
     cfg.null_space.enabled = False
+    cfg.router_rows.gap_domains = ["math"]  # test rows of a domain without stacks: the gap signal
     for dom in cfg.domains:
         dom.train_samples, dom.val_samples = 8, 4
     run = run_sft(cfg)
@@ -69,7 +70,9 @@ def test_report_has_every_field(router_run, sft_run):
     v = report["validation"]
     for key in ("single_top1", "mixed_set", "single_top1_label", "mixed_set_label", "val_bce"):
         assert v[key] is None or 0.0 <= v[key] <= (1.0 if key != "val_bce" else 100.0), key
-    assert v["n_single"] == 6 and v["n_mixed"] >= 1
+    assert 4 <= v["n_single"] <= 6 and v["n_mixed"] >= 1  # 3 test rows per domain (an over-long one is skipped)
+    for key in ("top1_margin", "score_spread", "calibration"):
+        assert v[key] is None or 0.0 <= v[key] <= 1.0, key
     per = report["cross_domain"]["per_domain"]
     assert set(per) == {"chat", "code"} and MIXED_SOURCE not in per
     for stats in per.values():
@@ -77,10 +80,10 @@ def test_report_has_every_field(router_run, sft_run):
     assert (router_run.router_dir / report["cross_domain_plot"]).is_file()
     for d in ("chat", "code"):
         row = report["val_losses"][d]
-        assert row["n_examples"] == 3 and row["n_tokens"] > 0
+        assert 2 <= row["n_examples"] <= 3 and row["n_tokens"] > 0
         for mode in LOSS_MODES:
             assert math.isfinite(row[mode])
-        assert row["recovered_fraction"] == recovered_fraction(row["prefix"], row["ungated"], row["routed"])
+        assert row["recovered_fraction"] == recovered_fraction(row["oracle"], row["ungated"], row["routed"])
     t = report["timing"]
     assert t["features_ms_per_prompt"]["n"] == 1 and t["router_ms_per_prompt"]["median"] >= 0
     assert t["generate_ms_per_prompt"]["n"] == 1 and t["generation_tokens"] == 2
@@ -97,7 +100,7 @@ def test_router_saved_and_loaded_with_the_stacks_fingerprint(router_run, sft_run
     run = RunDir.open(sft_run.run_dir)
     assert meta["stacks"] == run.stack_index().identity() == run.stack_identity()  # bound to these stacks
     ids = json.loads((run.rows_dir / "router.json").read_text())["ids"]
-    assert len(ids["val_rows"]) == 6 and ids["oracle_train"] and ids["oracle_val"]
+    assert len(ids["test"]) == 3 * 6 and ids["oracle_train"] and ids["test_oracle"] and ids["label_only"]
     state = router_run.router.state_dict()
     for k, v in router.state_dict().items():
         assert torch.equal(v, state[k].cpu()), k
@@ -105,14 +108,31 @@ def test_router_saved_and_loaded_with_the_stacks_fingerprint(router_run, sft_run
 
 def test_no_prompt_on_both_sides_of_the_split(router_run, sft_run):
     train = {prompt_key(p) for p in router_run.train_prompts}
-    val = {prompt_key(p) for p in router_run.val_prompts}
-    assert train and val and not train & val
-    assert router_run.report["data"]["prompt_overlap"] == 0
-    assert router_run.report["data"]["router_rows"] == {"train": len(train), "val": len(val)}
-    # every evaluated validation example is a validation prompt of the router
-    routed_ids = {r["id"] for r in router_run.val_routes}
-    val_ids = {e["id"] for d in ("chat", "code") for e in sft_run.data.val[d]}
-    assert routed_ids <= val_ids and len(routed_ids) == 6
+    test = {prompt_key(p) for p in router_run.test_prompts}
+    assert train and test and not train & test
+    assert router_run.report["data"]["router_rows"]["train"] == len(train)
+
+
+def test_router_rows_were_never_trained_on_by_a_stack(router_run, sft_run):
+    run = RunDir.open(sft_run.run_dir)
+    sft = {r["id"] for r in run.read_rows("sft_train")} | {r["id"] for r in run.read_rows("sft_val")}
+    oracle_rows, test_rows = run.read_rows("router_train"), run.read_rows("router_test")
+    assert oracle_rows and test_rows and not ({r["id"] for r in oracle_rows} | {r["id"] for r in test_rows}) & sft
+    assert {r["domain"] for r in test_rows} == {"chat", "code", "math"}  # math: no stacks, the gap domain
+    # the oracle's single-domain training examples are exactly router_train rows
+    ids = json.loads((run.rows_dir / "router.json").read_text())["ids"]
+    assert set(ids["label_only"]) <= {r["id"] for r in run.read_rows("sft_train")}
+    assert set(ids["test"]) <= {r["id"] for r in test_rows}
+    # the loss table runs on held-out test rows, scored by the oracle too
+    table = router_run.report["val_losses"]
+    assert all(row["oracle"] is not None and row["n_examples"] >= 1 for row in table.values())
+
+
+def test_the_gap_flag_is_measured_on_a_domain_without_stacks(router_run):
+    gap = router_run.report["gap"]
+    assert gap["n_untrained"] == 6 and set(gap["per_domain"]) == {"chat", "code", "math"}
+    assert 0.0 <= gap["untrained_domains"] <= 1.0
+    assert router_run.report["linear_probe"]["n"] == router_run.report["held_out"]["n"] == 12
 
 
 def test_routed_weights_reach_the_right_stacks(router_run, sft_run):
@@ -126,9 +146,11 @@ def test_routed_weights_reach_the_right_stacks(router_run, sft_run):
         chat_only = evaluate_loss(stacks.model, val, pad, 8, False)
     assert abs(routed - isolated) < 1e-5 and abs(chat_only - routed) > 1e-6
     # example_nll equals the shared evaluator, and the report's routed losses are reproducible
-    by_id = {e["id"]: e for d in ("chat", "code") for e in sft_run.data.val[d]}
+    from brainstacks_hooks.data.formatting import encode_rows
+
+    test_rows = {r["id"]: r for r in RunDir.open(sft_run.run_dir).read_rows("router_test")}
     entry = router_run.val_routes[0]
-    ex = by_id[entry["id"]]
+    (ex,), _ = encode_rows(sft_run.tokenizer, [test_rows[entry["id"]]], 128)
     with stacks.routed(entry["weights"]):
         s, c = example_nll(stacks.model, ex, False)
         sums, counts = completion_nll(stacks.model, [ex], pad, 1, False)

@@ -77,7 +77,7 @@ def _rewrite_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def test_missing_tensor_raises(saved):
     path, _ = saved
     t = load_file(str(path / ROUTER_WEIGHTS_FILE))
-    del t["head.bias"]
+    del t["head_bias"]
     _rewrite_weights(path, t)
     with pytest.raises(StackLoadError, match="missing"):
         load_router(path)
@@ -104,7 +104,7 @@ def test_shape_mismatch_raises(saved):
 def test_checksum_mismatch_raises(saved):
     path, _ = saved
     t = load_file(str(path / ROUTER_WEIGHTS_FILE))
-    t["head.bias"] = t["head.bias"] + 1
+    t["head_bias"] = t["head_bias"] + 1
     save_file(t, str(path / ROUTER_WEIGHTS_FILE))  # checksum in router.json not updated
     with pytest.raises(StackLoadError, match="checksum"):
         load_router(path)

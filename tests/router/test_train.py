@@ -25,7 +25,8 @@ DOMAINS = ["chat", "code", "math"]
 
 
 def _synthetic(
-    n_single: int = 240, n_mixed: int = 60, seq: int = 8, dim: int = 16, seed: int = 0
+    n_single: int = 240, n_mixed: int = 60, seq: int = 8, dim: int = 16, seed: int = 0, sample_seed: int | None = None,
+    strength: float = 4.0, keywords: int = 2,
 ) -> RouterData:
     """Noise tokens plus "keyword" tokens along a domain direction; mixed rows carry keywords of two domains.
 
@@ -34,16 +35,18 @@ def _synthetic(
     """
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(len(DOMAINS), dim, generator=g)
-    directions = 4.0 * directions / directions.norm(dim=1, keepdim=True)  # [3, D]
+    directions = strength * directions / directions.norm(dim=1, keepdim=True)  # [3, D]
+    if sample_seed is not None:  # same domain directions, other rows (a held-out set)
+        g = torch.Generator().manual_seed(sample_seed)
     feats, masks, targets, prompts, mixed = [], [], [], [], []
     for i in range(n_single + n_mixed):
         is_mixed = i >= n_single
         doms = [i % 3, (i + 1) % 3] if is_mixed else [i % 3]
         length = int(torch.randint(4, seq + 1, (1,), generator=g))
         x = torch.randn(seq, dim, generator=g)  # [S, D]
-        positions = torch.randperm(length, generator=g)[: 2 * len(doms)].tolist()
+        positions = torch.randperm(length, generator=g)[: keywords * len(doms)].tolist()
         for j, d in enumerate(doms):
-            x[positions[2 * j : 2 * j + 2]] += directions[d]
+            x[positions[keywords * j : keywords * (j + 1)]] += directions[d]
         t = torch.zeros(len(DOMAINS))
         t[doms] = 1.0
         feats.append(x)
@@ -105,6 +108,18 @@ def test_validation_metrics_definitions():
     assert m["mixed_set"] == 0.5  # row 2 {chat, math} == {chat, math}; row 3 {chat} != {chat, code}
     empty = validation_metrics(probs[:2], probs[:2], targets[:2], is_mixed[:2])
     assert math.isnan(empty["mixed_set"])
+    assert m["top1_margin"] == pytest.approx((0.8 + 0.7) / 2) and m["score_spread"] == pytest.approx((0.9 + 0.8) / 2)
+
+
+def test_top1_ties_in_the_fourth_decimal_do_not_count():
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    collapsed = torch.tensor([[0.4501, 0.4500, 0.4499], [0.4500, 0.4502, 0.4499]])  # right argmax, no decision
+    z = torch.logit(collapsed)
+    m = validation_metrics(collapsed, z, targets, torch.tensor([False, False]))
+    assert m["single_top1"] == 0.0 and m["score_spread"] < 1e-3
+    decided = torch.tensor([[0.9, 0.1, 0.1], [0.2, 0.8, 0.1]])
+    m = validation_metrics(decided, torch.logit(decided), targets, torch.tensor([False, False]))
+    assert m["single_top1"] == 1.0
 
 
 def test_composite_score_and_selection():
@@ -130,6 +145,28 @@ def test_router_learns_separable_task():
     va = {data.prompts[i] for i in result.val_indices}
     assert not tr & va and len(va) >= 20
     assert not result.router.training
+
+
+def test_router_separates_domains_from_20_examples_each():
+    from brainstacks_hooks.router.metrics import label_top1
+
+    kw = dict(n_mixed=0, dim=64, strength=6.0, keywords=3)  # separable: a linear probe on mean pools gets ~1.0
+    data = _synthetic(n_single=60, **kw)  # 20 rows per domain
+    cfg = _cfg(epochs=30, batch_size=8, lr=3e-3, min_val_groups=6, val_fraction=0.1)
+    result = train_router(data, cfg, device="cpu", progress=False)
+    test = _synthetic(n_single=300, sample_seed=99, **kw)
+    probs = result.router.predict(test.features.float(), test.attention_mask)
+    labels = [DOMAINS[int(t.argmax())] for t in test.targets]
+    m = label_top1(probs, DOMAINS, labels, cfg.top1_margin)
+    assert m["top1"] >= 0.95, m
+    assert m["score_spread"] >= 0.3, m  # decisions, not differences in the fourth decimal
+    # the reference design on the same rows: small queries (uniform attention), one head shared by all domains,
+    # raw features: every domain gets the same pooled vector and the same logit
+    ref = _cfg(epochs=30, batch_size=8, lr=3e-3, min_val_groups=6, val_fraction=0.1, query_init_std=0.02,
+               per_domain_head=False, normalize_features=False)
+    collapsed = train_router(data, ref, device="cpu", progress=False).router
+    m_ref = label_top1(collapsed.predict(test.features.float(), test.attention_mask), DOMAINS, labels, ref.top1_margin)
+    assert m_ref["top1"] < 0.5, m_ref
 
 
 def test_best_epoch_is_restored():
