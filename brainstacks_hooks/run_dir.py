@@ -6,8 +6,8 @@ Every command, recipe, notebook and benchmark reads and writes a run only throug
 file                                 written by                     read by
 ==================================== ============================== ===============================================
 ``manifest.json``                    SFT (after every step)         every phase (config, rounds, losses, rows)
-``rows/sft_train.jsonl``             SFT (once, at the start)       SFT resume, router, RL, experiments
-``rows/sft_val.jsonl``               SFT (once, at the start)       SFT resume, router (label-only rows)
+``rows/sft_train.jsonl``             SFT (once, at the start)       SFT resume, router (label-only rows), RL
+``rows/sft_val.jsonl``               SFT (once, at the start)       SFT resume
 ``rows/router_train.jsonl``          SFT (once)                     router (oracle rows: unseen by every stack)
 ``rows/router_test.jsonl``           SFT (once)                     router report (held-out quality numbers)
 ``rows/<phase>.json``                router, RL (ids they used)     reports

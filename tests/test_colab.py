@@ -28,11 +28,11 @@ def test_colab_notebook_executes_end_to_end(tmp_path, data_dir, monkeypatch):
         # 3 steps at 5e-4 without warmup: enough for every domain's first round to lower its loss (a domain
         # that learns nothing now stops the run instead of silently ending with no stack)
         ["train.max_steps=3", "train.eval_steps=3", "train.warmup_steps=0", "train.learning_rate=5e-4",
-         "train.max_length=96"]
+         "train.max_length=96", "router_rows.train_per_domain=4", "router_rows.test_per_domain=4"]
         + [f"domains.{i}.{k}" for i in range(3) for k in ("train_samples=8", "val_samples=3")]))
-    monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_ROUTER_OVERRIDES", "samples_per_domain=2 val_samples_per_domain=2 "
-                       "mixed_pairs=1 val_mixed_pairs=1 timing_prompts=1 generation_prompts=0 router.epochs=2 "
-                       "router.oracle_max_length=96")
+    monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_ROUTER_OVERRIDES", "oracle_rows_per_domain=2 label_rows_per_domain=4 "
+                       "test_rows_per_domain=3 test_oracle_rows_per_domain=2 mixed_pairs=1 test_mixed_pairs=1 "
+                       "timing_prompts=1 generation_prompts=0 router.epochs=2 router.oracle_max_length=96")
     monkeypatch.setenv("BRAINSTACKS_NOTEBOOK_NEW_TOKENS", "4")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)

@@ -241,48 +241,39 @@ def _pairs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(r["instruction"], r.get("input", "") or "") for r in rows]
 
 
-def train_router_for_run(
-    run_dir: str | Path,
-    config: RouterPipelineConfig | RouterConfig | None = None,
-    *,
-    model: Any = None,
-    tokenizer: Any = None,
-    stacks: Any = None,
-) -> RouterRunResult:
-    """Train, save and evaluate the meta-router of a finished SFT run (see the module docstring).
+@dataclass
+class RouterInputs:
+    """Everything the router trains on and is measured on, prepared once (oracle and features cached).
 
-    Args:
-        run_dir: The SFT run directory; outputs go to ``run_dir/router``.
-        config: A :class:`RouterPipelineConfig`, or a bare :class:`RouterConfig` (pipeline defaults);
-            its ``run_dir`` is replaced by ``run_dir``.
-        model: Optional base model (stacks are loaded onto it from ``run_dir/stacks`` unless attached).
-        tokenizer: Optional tokenizer (loaded from the run's model when missing).
-        stacks: Optional :class:`BrainStacks` holding the run's frozen stacks (e.g. ``run_sft(...).stacks``).
-
-    Returns:
-        A :class:`RouterRunResult`; ``report.json`` holds the same report.
-
-    Raises:
-        RunDirError: the run is unfinished, or recorded no router rows (a run from before they existed:
-            rerun its train command, which records them and trains nothing).
+    ``data`` holds the training rows (oracle rows, then label-only rows, duplicates merged) and ``split`` the
+    checkpoint-selection split of them; ``test_*`` are the held-out rows (trained and gap domains).
     """
-    t_start = time.perf_counter()
-    cfg = _resolve(run_dir, config)
-    rc = cfg.router
-    run = RunDir.open(run_dir, require_finished=True)
-    if not (run.has_rows(ROUTER_TRAIN) and run.has_rows(ROUTER_TEST)):
-        raise RunDirError(f"{run.path}: no router rows recorded (rows/{ROUTER_TRAIN}.jsonl); rerun its train "
-                          "command (`brainstacks train CONFIG output_dir=...`): it records them and trains nothing")
-    run_dir, out_dir, manifest, run_config = run.path, run.router_dir, run.manifest, run.run_config()
-    stacks, tokenizer = _load_models(run, model, tokenizer, stacks)
-    domains = list(stacks.domains)
-    missing = [d for d in manifest.domain_order if d not in domains]
-    if missing:
-        logger.warning("domains without accepted stacks are not routable: %s", missing)
+
+    ex: Any
+    oracle: Any
+    train_records: list[Any]
+    test_records: list[Any]
+    by_id: dict[str, Any]
+    data: RouterData
+    split: tuple[list[int], list[int]]
+    n_conflicts: int
+    test_flat: list[tuple[str, dict[str, Any]]]
+    test_features: torch.Tensor
+    test_mask: torch.Tensor
+    test_oracle_prompts: list[tuple[str, str]]
+    test_oracle_features: torch.Tensor
+    test_oracle_mask: torch.Tensor
+    timings: dict[str, float]
+    features_computed: int
+
+
+def prepare_router_inputs(run: RunDir, cfg: RouterPipelineConfig, stacks: Any, tokenizer: Any) -> RouterInputs:
+    """Examples from the run's recorded rows, oracle targets and features (both through their disk caches)."""
+    rc, out_dir, domains = cfg.router, run.router_dir, list(stacks.domains)
+    run_config = run.run_config()
     bf16 = run_config.train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
     fingerprint = router_fingerprint(stacks.model, run_config.stack)
     recipe = rc.feature_recipe()
-
     # ---- rows and examples (every test prompt is unseen by SFT and by the router)
     ex = build_router_examples(cfg, domains, run.rows_by_domain(ROUTER_TRAIN), run.rows_by_domain(SFT_TRAIN),
                                run.rows_by_domain(ROUTER_TEST), tokenizer)
@@ -329,6 +320,83 @@ def train_router_for_run(
     data = RouterData(feats[sl_train], mask[sl_train], targets, train_texts, is_mixed, domains)
     data, n_conflicts = merge_duplicate_prompts(data)
     train_idx, val_idx = split_by_prompt(data.prompts, rc.val_fraction, rc.seed, rc.min_val_groups)
+    return RouterInputs(ex, oracle, train_records, test_records, by_id, data, (train_idx, val_idx), n_conflicts,
+                        test_flat, feats[sl_test], mask[sl_test], test_oracle_prompts, feats[sl_test_oracle],
+                        mask[sl_test_oracle], {"oracle_s": oracle_s, "features_s": features_s}, cache.misses)
+
+
+def held_out_metrics(router: MetaRouter, inputs: RouterInputs, rc: RouterConfig, device: str
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, list[Route]]]:
+    """Top-1 against the source domain on held-out prompts (with margin and spread), the linear-probe baseline
+    on the same features, and the gap signal; plus the routes of every test prompt by domain."""
+    domains, test_flat = list(router.domains), inputs.test_flat
+    test_feats, test_mask = inputs.test_features, inputs.test_mask
+    probs = router.predict(test_feats.to(device), test_mask.to(device)).float().cpu() if test_flat else None
+    in_dom = [i for i, (d, _) in enumerate(test_flat) if d in domains]
+    test_labels = [test_flat[i][0] for i in in_dom]
+    held_out = {**(label_top1(probs[in_dom], domains, test_labels, rc.top1_margin) if in_dom else {}),
+                "n": len(in_dom)}
+    data = inputs.data
+    probe = None
+    if in_dom:
+        probe = linear_probe(mean_pool(data.features, data.attention_mask), data.targets.argmax(1),
+                             mean_pool(test_feats[in_dom], test_mask[in_dom]), len(domains), seed=rc.seed)
+    probe_metrics = {**(label_top1(probe, domains, test_labels, 0.0) if probe is not None else {}), "n": len(in_dom)}
+    routes_test = route_features(router, test_feats, test_mask, rc.chat_floor, rc.chat_domain,
+                                 rc.gate_threshold) if test_flat else []
+    routes_by_test_domain: dict[str, list[Route]] = {}
+    for (d, _), route in zip(test_flat, routes_test):
+        routes_by_test_domain.setdefault(d, []).append(route)
+    return held_out, probe_metrics, gap_summary(routes_by_test_domain, domains), routes_by_test_domain
+
+
+def train_router_for_run(
+    run_dir: str | Path,
+    config: RouterPipelineConfig | RouterConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    stacks: Any = None,
+) -> RouterRunResult:
+    """Train, save and evaluate the meta-router of a finished SFT run (see the module docstring).
+
+    Args:
+        run_dir: The SFT run directory; outputs go to ``run_dir/router``.
+        config: A :class:`RouterPipelineConfig`, or a bare :class:`RouterConfig` (pipeline defaults);
+            its ``run_dir`` is replaced by ``run_dir``.
+        model: Optional base model (stacks are loaded onto it from ``run_dir/stacks`` unless attached).
+        tokenizer: Optional tokenizer (loaded from the run's model when missing).
+        stacks: Optional :class:`BrainStacks` holding the run's frozen stacks (e.g. ``run_sft(...).stacks``).
+
+    Returns:
+        A :class:`RouterRunResult`; ``report.json`` holds the same report.
+
+    Raises:
+        RunDirError: the run is unfinished, or recorded no router rows (a run from before they existed:
+            rerun its train command, which records them and trains nothing).
+    """
+    t_start = time.perf_counter()
+    cfg = _resolve(run_dir, config)
+    rc = cfg.router
+    run = RunDir.open(run_dir, require_finished=True)
+    if not (run.has_rows(ROUTER_TRAIN) and run.has_rows(ROUTER_TEST)):
+        raise RunDirError(f"{run.path}: no router rows recorded (rows/{ROUTER_TRAIN}.jsonl); rerun its train "
+                          "command (`brainstacks train CONFIG output_dir=...`): it records them and trains nothing")
+    run_dir, out_dir, manifest, run_config = run.path, run.router_dir, run.manifest, run.run_config()
+    stacks, tokenizer = _load_models(run, model, tokenizer, stacks)
+    domains = list(stacks.domains)
+    missing = [d for d in manifest.domain_order if d not in domains]
+    if missing:
+        logger.warning("domains without accepted stacks are not routable: %s", missing)
+    bf16 = run_config.train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
+    fingerprint = router_fingerprint(stacks.model, run_config.stack)
+    recipe = rc.feature_recipe()
+
+    inputs = prepare_router_inputs(run, cfg, stacks, tokenizer)
+    ex, oracle, data, n_conflicts = inputs.ex, inputs.oracle, inputs.data, inputs.n_conflicts
+    train_idx, val_idx = inputs.split
+    test_records, by_id = inputs.test_records, inputs.by_id
+    oracle_s, features_s = inputs.timings["oracle_s"], inputs.timings["features_s"]
     device = cfg.device or str(next(stacks.model.parameters()).device)
     t0 = time.perf_counter()
     result = train_router(data, rc, device=device, split=(train_idx, val_idx), progress=cfg.progress)
@@ -338,26 +406,11 @@ def train_router_for_run(
                        stacks=run.stack_index().identity())
 
     # ---- held-out metrics (rows neither SFT nor the router trained on)
-    test_feats, test_mask = feats[sl_test], mask[sl_test]
-    probs = router.predict(test_feats.to(device), test_mask.to(device)).float().cpu() if n_test else None
-    in_dom = [i for i, (d, _) in enumerate(test_flat) if d in domains]
-    test_labels = [test_flat[i][0] for i in in_dom]
-    held_out = label_top1(probs[in_dom], domains, test_labels, rc.top1_margin) if in_dom else {}
-    pooled_train = mean_pool(data.features, data.attention_mask)
-    probe_y = data.targets.argmax(1)
-    probe = linear_probe(pooled_train, probe_y, mean_pool(test_feats[in_dom], test_mask[in_dom]), len(domains),
-                         seed=rc.seed) if in_dom else None
-    probe_metrics = label_top1(probe, domains, test_labels, 0.0) if probe is not None else {}
-    routes_test = route_features(router, test_feats, test_mask, rc.chat_floor, rc.chat_domain,
-                                 rc.gate_threshold) if n_test else []
-    routes_by_test_domain: dict[str, list[Route]] = {}
-    for (d, _), route in zip(test_flat, routes_test):
-        routes_by_test_domain.setdefault(d, []).append(route)
-    gap = gap_summary(routes_by_test_domain, domains)
+    held_out, probe_metrics, gap, routes_by_test_domain = held_out_metrics(router, inputs, rc, device)
     # against the oracle targets of the test rows (single and mixed)
     n_to = len(test_records)
-    odata = RouterData(feats[sl_test_oracle], mask[sl_test_oracle], targets_for(test_records, domains),
-                       [user_text(*p) for p in test_oracle_prompts],
+    odata = RouterData(inputs.test_oracle_features, inputs.test_oracle_mask, targets_for(test_records, domains),
+                       [user_text(*p) for p in inputs.test_oracle_prompts],
                        torch.tensor([len(r.labels) > 1 for r in test_records]), domains) if n_to else None
     vm = evaluate_router(router, odata, 64, device, min_margin=rc.top1_margin) if odata is not None else {}
     lm = label_metrics(router.predict(odata.features.to(device), odata.attention_mask.to(device)).float().cpu(),
@@ -373,8 +426,8 @@ def train_router_for_run(
 
     # ---- loss table on the single-domain test oracle rows
     single_test = [(r, i) for i, r in enumerate(test_records) if r.domain != MIXED_SOURCE]
-    routes_to = route_features(router, feats[sl_test_oracle], mask[sl_test_oracle], rc.chat_floor, rc.chat_domain,
-                               rc.gate_threshold) if n_to else []
+    routes_to = route_features(router, inputs.test_oracle_features, inputs.test_oracle_mask, rc.chat_floor,
+                               rc.chat_domain, rc.gate_threshold) if n_to else []
     enc_rows: dict[str, list[dict[str, Any]]] = {}
     enc_routes: dict[str, list[Route]] = {}
     enc_oracle: dict[str, list[float | None]] = {}
@@ -407,9 +460,10 @@ def train_router_for_run(
     timing = measure_timing(stacks, tokenizer, router, meta, interleaved[: cfg.timing_prompts],
                             cfg.generation_prompts, cfg.generation_tokens)
     timing.update({"oracle_s": oracle_s, "features_s": features_s, "router_train_s": train_s, "loss_eval_s": eval_s,
-                   "features_computed": cache.misses, "oracle_computed": oracle.n_computed,
+                   "features_computed": inputs.features_computed, "oracle_computed": oracle.n_computed,
                    "oracle_examples_per_min": oracle.n_computed / oracle_s * 60 if oracle.n_computed else None,
-                   "features_batched_ms_per_prompt": features_s * 1000.0 / cache.misses if cache.misses else None})
+                   "features_batched_ms_per_prompt": features_s * 1000.0 / inputs.features_computed
+                   if inputs.features_computed else None})
 
     report = {
         "format_version": REPORT_FORMAT_VERSION,
@@ -424,8 +478,8 @@ def train_router_for_run(
                    "n_skipped": len(oracle.skipped), "mixed_batches": cfg.oracle_mixed_batches},
         "router": {"best_epoch": result.best_epoch, "epochs": rc.epochs, "best_composite": result.best_score,
                    "n_params": meta["n_params"], "history": result.history_dicts()},
-        "held_out": {**held_out, "n": len(in_dom)},
-        "linear_probe": {**probe_metrics, "n": len(in_dom)},
+        "held_out": held_out,
+        "linear_probe": probe_metrics,
         "validation": {**vm, **lm, "n_single": int((~odata.is_mixed).sum()) if odata is not None else 0,
                        "n_mixed": int(odata.is_mixed.sum()) if odata is not None else 0},
         "gap": gap,
@@ -444,7 +498,7 @@ def train_router_for_run(
     atomic_write_json(out_dir / VAL_ROUTES_FILE, json_safe(val_routes))
     logger.info("router report written to %s", out_dir / REPORT_FILE)
     return RouterRunResult(router, meta, report, out_dir, result, list(data.subset(train_idx).prompts),
-                           [user_text(*p) for p in _pairs([r for _, r in test_flat])], val_routes)
+                           [user_text(*p) for p in _pairs([r for _, r in inputs.test_flat])], val_routes)
 
 
 def domain_priors(records: list[Any], domains: list[str]) -> dict[str, torch.Tensor]:
