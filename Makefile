@@ -22,7 +22,7 @@ setup: $(BIN)/.installed  ## virtualenv with the CPU torch build, the package, d
 quickstart: setup  ## main job: SFT on 3 domains -> router -> routed generation, on the embedded SmolLM2
 	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/brainstacks quickstart
 
-quickstart-fast: setup  ## a ~4-minute look at the same pipeline
+quickstart-fast: setup  ## a shorter look at the same pipeline (smaller configs)
 	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/brainstacks quickstart --fast
 
 test: setup  ## the test suite (CPU)

@@ -179,3 +179,7 @@ COMMANDS += [
     Command("route", "route one prompt with a run's router: weights per domain, gated-on domains, gap flag",
             _route_args, _route),
 ]
+
+from . import eval_commands as _ev  # noqa: E402
+COMMANDS += [Command("eval", "lm-eval benchmarks of a run under one mode (routed, base, ungated, prefix:D, "
+                     "isolated:D), with the delta to base", _ev._eval_args, _ev._eval)]

@@ -1,0 +1,83 @@
+"""``brainstacks eval``: lm-evaluation-harness benchmarks of a run under one mode, with the delta to ``base``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (manifest.json, stacks/, router/ for --mode routed)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated task names, e.g. bs_arc_easy,bs_gsm8k ('all': every shipped task)")
+    p.add_argument("--mode", default="routed", help="routed | base | ungated | prefix:DOMAIN | isolated:DOMAIN")
+    p.add_argument("--limit", type=float, default=None,
+                   help="seeded subset per task: N documents (or a fraction < 1); default: every document")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the --limit subset and of the evaluation")
+    p.add_argument("--data-dir", default=None, help="directory holding eval/*.jsonl (default: $BRAINSTACKS_DATA_DIR)")
+    p.add_argument("--batch-size", type=int, default=8, help="fixed lm-eval batch size (never auto)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest input in tokens (default: min(2048, the model's max positions))")
+    p.add_argument("--out-dir", default=None, help="output folder (default: RUN_DIR/eval/<mode>)")
+
+
+def _task_list(text: str) -> list[str]:
+    from ..evaluation.tasks import TASK_NAMES
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return list(TASK_NAMES) if names == ["all"] else names
+
+
+def _base_metrics(run_dir: str | Path, mode: str) -> dict[str, Any] | None:
+    path = Path(run_dir) / "eval" / "base" / "results.json"
+    if mode == "base" or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("metrics")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def summary_table(metrics: dict[str, dict[str, dict[str, Any]]], base: dict[str, Any] | None = None) -> str:
+    """``task | metric | value | stderr [| base | delta]`` as an aligned text table."""
+    head = ["task", "metric", "value", "stderr"] + (["base", "delta"] if base is not None else [])
+    rows = [head]
+    for task, per in metrics.items():
+        for metric, m in per.items():
+            row = [task, metric, _fmt(m.get("value")), _fmt(m.get("stderr"))]
+            if base is not None:
+                b = ((base.get(task) or {}).get(metric) or {}).get("value")
+                v = m.get("value")
+                row += [_fmt(b), _fmt(v - b if v is not None and b is not None else None, signed=True)]
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..evaluation.harness import evaluate_run
+
+    limit: float | int | None = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    record = evaluate_run(args.run_dir, _task_list(args.tasks), args.mode, limit=limit, data_dir=args.data_dir,
+                          batch_size=args.batch_size, seed=args.seed, out_dir=args.out_dir,
+                          max_length=args.max_length)
+    base = _base_metrics(args.run_dir, args.mode)
+    print(f"\nmode {args.mode}" + (f", seeded subset --limit {limit} (seed {args.seed})" if limit else ""))
+    print(summary_table(record["metrics"], base))
+    out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval" / args.mode.replace(":", "-")
+    print(f"\nresults: {out / 'results.json'}" + ("" if base is not None or args.mode == "base"
+                                                   else "   (run --mode base for the delta to base)"))
+    return 0
