@@ -180,6 +180,6 @@ COMMANDS += [
             _route_args, _route),
 ]
 
-from . import eval_commands as _ev  # noqa: E402
+from . import eval_commands as _ev  # noqa: E402, I001
 COMMANDS += [Command("eval", "lm-eval benchmarks of a run under one mode (routed, base, ungated, prefix:D, "
                      "isolated:D), with the delta to base", _ev._eval_args, _ev._eval)]

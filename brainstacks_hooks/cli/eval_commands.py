@@ -30,12 +30,13 @@ def _task_list(text: str) -> list[str]:
     return list(TASK_NAMES) if names == ["all"] else names
 
 
-def _base_metrics(run_dir: str | Path, mode: str) -> dict[str, Any] | None:
-    path = Path(run_dir) / "eval" / "base" / "results.json"
+def _base_record(out_dir: Path, mode: str) -> dict[str, Any] | None:
+    """The ``results.json`` of ``base`` mode next to ``out_dir`` (``RUN_DIR/eval/base`` by default), if any."""
+    path = out_dir.parent / "base" / "results.json"
     if mode == "base" or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("metrics")
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -74,10 +75,17 @@ def _eval(args: argparse.Namespace) -> int:
     record = evaluate_run(args.run_dir, _task_list(args.tasks), args.mode, limit=limit, data_dir=args.data_dir,
                           batch_size=args.batch_size, seed=args.seed, out_dir=args.out_dir,
                           max_length=args.max_length)
-    base = _base_metrics(args.run_dir, args.mode)
+    out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval" / args.mode.replace(":", "-")
+    base_record = _base_record(out, args.mode)
+    base = base_record.get("metrics") if base_record else None
     print(f"\nmode {args.mode}" + (f", seeded subset --limit {limit} (seed {args.seed})" if limit else ""))
     print(summary_table(record["metrics"], base))
-    out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval" / args.mode.replace(":", "-")
+    if base_record is not None:
+        shared = [t for t in record["tasks"] if t in (base_record.get("metrics") or {})]
+        same_docs = all((record.get("samples") or {}).get(t) == (base_record.get("samples") or {}).get(t)
+                        for t in shared)
+        if not same_docs:
+            print("note: base was evaluated on other documents (another --limit or --seed): the delta mixes subsets")
     print(f"\nresults: {out / 'results.json'}" + ("" if base is not None or args.mode == "base"
                                                    else "   (run --mode base for the delta to base)"))
     return 0

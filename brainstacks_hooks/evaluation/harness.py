@@ -223,6 +223,7 @@ def brainstacks_lm_class() -> type:
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             model = self.model
             generate = model.generate
+            own = model.__dict__.get("generate")  # Unsloth patches generate on the instance: put it back after
 
             def no_cache_generate(*args: Any, **kw: Any) -> Any:
                 kw["use_cache"] = False
@@ -232,7 +233,10 @@ def brainstacks_lm_class() -> type:
             try:
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             finally:
-                del model.generate
+                if own is not None:
+                    model.generate = own
+                else:
+                    del model.generate
 
         def get_model_info(self) -> dict[str, Any]:
             # HFLM's asks the hub for the model's sha (huggingface.py:1761-1777): nothing to ask for a live model
