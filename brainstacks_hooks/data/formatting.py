@@ -111,6 +111,11 @@ def _add_bos_by_default(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def encode_text(tokenizer: Any, text: str, *, allow_bos: bool = True) -> list[int]:
+    """Tokenise rendered template text the one way (no special tokens; BOS added by the rule above)."""
+    return _encode_text(tokenizer, text, allow_bos=allow_bos)
+
+
 def _encode_text(tokenizer: Any, text: str, *, allow_bos: bool = True) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if allow_bos and _add_bos_by_default(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):

@@ -1,8 +1,10 @@
-"""Per-domain RL refinement: verifiable rewards and the code sandbox.
+"""Per-domain RL refinement: DPO and GRPO on the active stack, verifiable rewards and the code sandbox.
 
-Everything is imported lazily, so ``import brainstacks_hooks.rl`` stays cheap (no torch, no TRL)::
+Everything is imported lazily, so ``import brainstacks_hooks.rl`` stays cheap (no torch, no TRL), and the trainer
+classes are created on first use from whatever ``trl.DPOTrainer`` / ``trl.GRPOTrainer`` is bound then (Unsloth
+rebinds them at import)::
 
-    from brainstacks_hooks.rl import code_reward, gsm8k_reward, run_python_tests
+    from brainstacks_hooks.rl import build_dpo_trainer, build_grpo_trainer, code_reward, gsm8k_reward
 """
 
 from __future__ import annotations
@@ -11,6 +13,15 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "RLGuardCallback": "brainstacks_hooks.rl.dpo",
+    "ReferencePolicy": "brainstacks_hooks.rl.dpo",
+    "build_dpo_trainer": "brainstacks_hooks.rl.dpo",
+    "build_grpo_trainer": "brainstacks_hooks.rl.grpo",
+    "build_preference_pairs": "brainstacks_hooks.rl.dpo",
+    "dpo_config": "brainstacks_hooks.rl.dpo",
+    "grpo_config": "brainstacks_hooks.rl.grpo",
+    "preference_dataset": "brainstacks_hooks.rl.dpo",
+    "prompt_dataset": "brainstacks_hooks.rl.grpo",
     "SandboxUnavailable": "brainstacks_hooks.rl.sandbox",
     "code_reward": "brainstacks_hooks.rl.rewards",
     "completion_text": "brainstacks_hooks.rl.rewards",

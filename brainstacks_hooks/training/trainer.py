@@ -18,7 +18,7 @@ gradient scale to ``1 / gradient-accumulation steps`` and logs, at each logging 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -103,6 +103,25 @@ def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float
     )
 
 
+@contextlib.contextmanager
+def keep_active_stack_dtype(stacks: Any) -> Iterator[None]:
+    """Keep the active stack's tensors (fp32) through a TRL trainer's construction.
+
+    TRL 1.16 casts every trainable parameter to bf16 on 4/8-bit bases (``sft_trainer.py:908-911``,
+    ``dpo_trainer.py:726-729``, ``grpo_trainer.py:537-541``) by rebinding ``param.data``. The original tensors
+    are kept here and rebound on exit, so the values are exactly the ones before construction. Used by the SFT
+    trainer and the RL trainers (:mod:`brainstacks_hooks.rl`); remove when TRL stops casting adapters.
+    """
+    params = list(stacks.active.parameters()) if stacks.active is not None else []
+    saved = [p.data for p in params]
+    try:
+        yield
+    finally:
+        for p, t in zip(params, saved):
+            if p.dtype != t.dtype or p.data_ptr() != t.data_ptr():
+                p.data = t
+
+
 def build_trainer(
     stacks: BrainStacks,
     tokenizer: Any,
@@ -119,7 +138,7 @@ def build_trainer(
         from ..models.backend_bnb import allow_hook_adapter_training
 
         guard = allow_hook_adapter_training(model)
-    with guard:
+    with guard, keep_active_stack_dtype(stacks):
         return StackSFTTrainer(
             model=model,
             args=config,
