@@ -136,3 +136,24 @@ def tiny_run_config(model_dir: str | Path, out: str | Path, domains=("chat", "co
         "domains": [{"name": d, "train_samples": 16, "val_samples": 8} for d in domains],
         "router_rows": {"train_per_domain": 6, "test_per_domain": 6},
     })
+
+
+class ModelLoad(AssertionError):
+    """Raised when anything tries to load a model while :func:`forbid_model_loads` is in force."""
+
+
+def forbid_model_loads(monkeypatch) -> None:
+    """Any model load from here on raises (TRL's reload goes through ``<Architecture>.from_pretrained``)."""
+    import transformers
+    import trl.trainer.dpo_trainer as dpo_mod
+    import trl.trainer.grpo_trainer as grpo_mod
+    from transformers.modeling_utils import PreTrainedModel
+
+    def boom(*args, **kwargs):
+        raise ModelLoad(f"a model load was attempted: {args[:2]}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: boom(*a, **k)))
+    for mod in (dpo_mod, grpo_mod):
+        if hasattr(mod, "create_model_from_path"):
+            monkeypatch.setattr(mod, "create_model_from_path", boom)

@@ -9,44 +9,10 @@ import torch
 
 from brainstacks_hooks.data.formatting import encode_example, encode_prompt
 from brainstacks_hooks.errors import ConfigError
-from brainstacks_hooks.testing import add_random_stack
+from brainstacks_hooks.testing import ModelLoad
 
 ROWS = [{"instruction": f"What is {i} plus {i}?", "chosen": f"The answer is {2 * i}.",
          "rejected": f"Maybe {i + 3}, I am not sure."} for i in range(8)]
-
-
-class ModelLoad(AssertionError):
-    pass
-
-
-def _forbid_model_loads(monkeypatch):
-    """Any model load from here on raises (TRL's reload goes through ``<Architecture>.from_pretrained``)."""
-    import transformers
-    import trl.trainer.dpo_trainer as dpo_mod
-    from transformers.modeling_utils import PreTrainedModel
-
-    def boom(*args, **kwargs):
-        raise ModelLoad(f"a model load was attempted: {args[:2]}")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: boom(*a, **k)))
-    monkeypatch.setattr(dpo_mod, "create_model_from_path", boom)
-
-
-@pytest.fixture
-def setup(tiny_model_dir, monkeypatch):
-    """Tiny Llama (real tokenizer), a random frozen chat stack, a zero-init active one; then no model may load."""
-    from brainstacks_hooks.models.loading import load_base_model
-    from brainstacks_hooks.stacks.brainstacks import BrainStacks
-    from brainstacks_hooks.stacks.config import StackConfig
-
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    model, tok = load_base_model(str(tiny_model_dir), dtype="float32")
-    stacks = BrainStacks.attach(model, StackConfig(rank=4))
-    add_random_stack(stacks, "chat", 1)
-    stacks.new_stack("chat", 1)
-    _forbid_model_loads(monkeypatch)
-    return stacks, tok
 
 
 def _config(tmp_path, **kw):

@@ -10,47 +10,14 @@ import torch
 
 from brainstacks_hooks.data.formatting import encode_prompt, format_prompt
 from brainstacks_hooks.errors import ConfigError
-from brainstacks_hooks.testing import add_random_stack
+from brainstacks_hooks.testing import ModelLoad
 
 ROWS = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(4)]
-
-
-class ModelLoad(AssertionError):
-    pass
 
 
 def length_reward(completions, **kwargs):
     """Trivial reward with a spread (so advantages are non-zero)."""
     return [float(len(c)) for c in completions]
-
-
-def _forbid_model_loads(monkeypatch):
-    import transformers
-    import trl.trainer.grpo_trainer as grpo_mod
-    from transformers.modeling_utils import PreTrainedModel
-
-    def boom(*args, **kwargs):
-        raise ModelLoad(f"a model load was attempted: {args[:2]}")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: boom(*a, **k)))
-    monkeypatch.setattr(grpo_mod, "create_model_from_path", boom)
-
-
-@pytest.fixture
-def setup(tiny_model_dir, monkeypatch):
-    """Tiny Llama (real tokenizer), a random frozen chat stack, a zero-init active one; then no model may load."""
-    from brainstacks_hooks.models.loading import load_base_model
-    from brainstacks_hooks.stacks.brainstacks import BrainStacks
-    from brainstacks_hooks.stacks.config import StackConfig
-
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    model, tok = load_base_model(str(tiny_model_dir), dtype="float32")
-    stacks = BrainStacks.attach(model, StackConfig(rank=4))
-    add_random_stack(stacks, "chat", 1)
-    stacks.new_stack("chat", 1)
-    _forbid_model_loads(monkeypatch)
-    return stacks, tok
 
 
 def _config(tmp_path, **kw):
