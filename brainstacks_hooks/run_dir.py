@@ -605,11 +605,6 @@ class RunDir:
         return run
 
 
-def stacks_dir_identity(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Domain, round and sha256 of every stack of a saved stacks directory (from its index)."""
-    return read_stack_index(directory).identity()
-
-
 __all__ = [
     "DATA_REPORT_FILE",
     "LAYOUT_VERSION",
@@ -627,5 +622,4 @@ __all__ = [
     "config_key",
     "ids_hash",
     "library_versions",
-    "stacks_dir_identity",
 ]

@@ -7,6 +7,8 @@ helper files next to the tests. Nothing here is used by the library itself; heav
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,24 @@ def forbid_model_loads(monkeypatch) -> None:
     for mod in (dpo_mod, grpo_mod):
         if hasattr(mod, "create_model_from_path"):
             monkeypatch.setattr(mod, "create_model_from_path", boom)
+
+
+@contextlib.contextmanager
+def nan_loss_at_step(trainer: Any, step: int) -> Iterator[None]:
+    """Make an RL trainer's loss NaN at ``global_step == step`` inside the block.
+
+    Patches ``compute_loss`` of the TRL parent (``Stack*Trainer -> _StackRLMixin -> trl.*Trainer``), so the
+    toolkit's own ``compute_loss`` (which feeds the guard) sees the poisoned value.
+    """
+    import pytest
+
+    base = type(trainer).__mro__[2]
+    parent = base.compute_loss
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = parent(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return out * float("nan") if self.state.global_step == step else out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(base, "compute_loss", poisoned)
+        yield

@@ -113,10 +113,6 @@ def _add_bos_by_default(tokenizer: Any) -> bool:
 
 def encode_text(tokenizer: Any, text: str, *, allow_bos: bool = True) -> list[int]:
     """Tokenise rendered template text the one way (no special tokens; BOS added by the rule above)."""
-    return _encode_text(tokenizer, text, allow_bos=allow_bos)
-
-
-def _encode_text(tokenizer: Any, text: str, *, allow_bos: bool = True) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if allow_bos and _add_bos_by_default(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id, *ids]
@@ -146,7 +142,7 @@ def encode_prompt(
     Returns:
         ``{"input_ids": [...], "attention_mask": [...]}``.
     """
-    ids = _encode_text(tokenizer, format_prompt(tokenizer, instruction, input, system))
+    ids = encode_text(tokenizer, format_prompt(tokenizer, instruction, input, system))
     ids = _cut_head(tokenizer, ids, max_length)
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
@@ -187,15 +183,15 @@ def encode_example(
         ``min_completion_tokens`` answer tokens. Never returns an example without a labelled token.
     """
     prompt_text = format_prompt(tokenizer, instruction, input, system)
-    prompt_ids = _encode_text(tokenizer, prompt_text)
+    prompt_ids = encode_text(tokenizer, prompt_text)
     completion = _completion_text(tokenizer, prompt_text, instruction, input, output, system)
-    full_ids = _encode_text(tokenizer, prompt_text + completion)
+    full_ids = encode_text(tokenizer, prompt_text + completion)
     n_prompt = len(prompt_ids)
     if full_ids[:n_prompt] == prompt_ids and len(full_ids) > n_prompt:
         completion_ids = full_ids[n_prompt:]
     else:
         logger.debug("prompt tokens are not a prefix of the full text; tokenizing the answer separately")
-        completion_ids = _encode_text(tokenizer, completion, allow_bos=False)
+        completion_ids = encode_text(tokenizer, completion, allow_bos=False)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is not None and _needs_eos(tokenizer, completion, output):
         completion_ids = [*completion_ids, eos_id]

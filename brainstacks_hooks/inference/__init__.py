@@ -1,6 +1,7 @@
 """Routed inference: the disk-offloaded stack store (paper section 6.3) and routed generation."""
 
-from .store import ActivationReport, StackBudgetError, StackEntry, StackStore, StoreStats
+from .records import ActivationReport, StackBudgetError, StackEntry, StoreStats
+from .store import StackStore
 
 # RoutedModel (router + store + generation) is exported here once its module lands.
 

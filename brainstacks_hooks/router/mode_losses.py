@@ -62,6 +62,7 @@ def evaluate_val_losses(
         for i, (ex, route) in enumerate(zip(exs, routes[d])):
             row: dict[str, float] = {}
             c = 0
+            seen: dict[tuple, tuple[float, int]] = {}  # modes computing the same function share one forward
             for mode in LOSS_MODES:
                 if mode in ("prefix", "isolated"):
                     ctx = stacks.using(mode, d)
@@ -70,7 +71,10 @@ def evaluate_val_losses(
                 else:
                     ctx = stacks.ungated() if mode == "ungated" else stacks.base_only()
                 with ctx:
-                    s, c = example_nll(model, ex, bf16)
+                    key = stacks.plan.signature
+                    if key not in seen:
+                        seen[key] = example_nll(model, ex, bf16)
+                    s, c = seen[key]
                 sums[mode] += s
                 row[mode] = s / max(c, 1)
             o = oracle_losses[d][i] if oracle_losses is not None else None

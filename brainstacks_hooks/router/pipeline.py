@@ -75,6 +75,7 @@ from ..errors import ConfigError, RunDirError
 from ..run_dir import ROUTER_TEST, ROUTER_TRAIN, SFT_TRAIN, RunDir
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
+from .analysis import cross_domain_analysis, plot_cross_domain
 from .config import RouterConfig
 from .examples import MIXED_SOURCE, build_mixed_examples, build_router_examples, user_text
 from .gating import Route, route_features
@@ -90,7 +91,7 @@ from .metrics import (
 )
 from .mode_losses import LOSS_MODES, evaluate_val_losses, example_nll
 from .model import MetaRouter
-from .oracle import cross_domain_analysis, plot_cross_domain, run_oracle_on_stacks, targets_tensor
+from .oracle import run_oracle_on_stacks, targets_tensor
 from .report import PLOT_FILE, REPORT_FILE, REPORT_FORMAT_VERSION, VAL_ROUTES_FILE, json_safe, summary_table
 from .serialization import save_router
 from .serving import load_run_router, route_prompt, router_fingerprint
@@ -104,8 +105,6 @@ from .train import (
 )
 
 logger = get_logger(__name__)
-
-ROUTER_SUBDIR = "router"
 
 __all__ = [
     "LOSS_MODES",

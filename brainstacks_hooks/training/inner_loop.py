@@ -31,10 +31,6 @@ from .trainer import build_trainer, sft_config
 logger = get_logger(__name__)
 
 
-#: Kept for callers of the earlier name: a round's outcome is a :class:`~brainstacks_hooks.run_dir.RoundRecord`.
-RoundResult = RoundRecord
-
-
 def round_seed(base_seed: int, domain_index: int, round_index: int) -> int:
     """Seed of one round: distinct per domain and round, reproducible across resumes."""
     return base_seed + 1000 * domain_index + round_index

@@ -327,7 +327,7 @@ def test_strict_tensor_checks_with_a_valid_checksum(saved, mutation):
 
 
 def test_default_budget_is_bounded_and_documented(saved):
-    from brainstacks_hooks.inference.store import default_budget_bytes
+    from brainstacks_hooks.inference.records import default_budget_bytes
 
     _, _, store = _store(saved)
     assert store.budget_bytes == pytest.approx(default_budget_bytes("cpu"), rel=0.2)

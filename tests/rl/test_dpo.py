@@ -9,7 +9,7 @@ import torch
 
 from brainstacks_hooks.data.formatting import encode_example, encode_prompt
 from brainstacks_hooks.errors import ConfigError
-from brainstacks_hooks.testing import ModelLoad
+from brainstacks_hooks.testing import ModelLoad, nan_loss_at_step
 
 ROWS = [{"instruction": f"What is {i} plus {i}?", "chosen": f"The answer is {2 * i}.",
          "rejected": f"Maybe {i + 3}, I am not sure."} for i in range(8)]
@@ -135,15 +135,7 @@ def test_guard_restores_best_snapshot_on_injected_nan(setup, tmp_path):
     trainer = build_dpo_trainer(stacks, tok, ROWS, _config(tmp_path, max_steps=5), callbacks=[Record()],
                                 guard=guard)
     # the mixin feeds the guard inside compute_loss, so inject through the parent's loss
-    base = type(trainer).__mro__[2]  # StackDPOTrainer -> _StackRLMixin -> trl.DPOTrainer
-    parent = base.compute_loss
-
-    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = parent(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return out * float("nan") if self.state.global_step == 2 else out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base, "compute_loss", poisoned)
+    with nan_loss_at_step(trainer, 2):
         trainer.train()
     assert guard.stop_reason == "nonfinite_loss"
     assert trainer.state.global_step == 3  # stopped at the poisoned step, not max_steps

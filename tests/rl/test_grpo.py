@@ -10,7 +10,7 @@ import torch
 
 from brainstacks_hooks.data.formatting import encode_prompt, format_prompt
 from brainstacks_hooks.errors import ConfigError
-from brainstacks_hooks.testing import ModelLoad
+from brainstacks_hooks.testing import ModelLoad, nan_loss_at_step
 
 ROWS = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(4)]
 
@@ -146,15 +146,7 @@ def test_guard_restores_on_injected_nan(setup, tmp_path):
     stacks, tok = setup
     guard = RLGuardCallback(stacks)
     trainer = build_grpo_trainer(stacks, tok, ROWS, length_reward, _config(tmp_path, max_steps=4), guard=guard)
-    parent = type(trainer).__mro__[2]  # StackGRPOTrainer -> _StackRLMixin -> trl.GRPOTrainer
-    original = parent.compute_loss
-
-    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return out * float("nan") if self.state.global_step == 1 else out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(parent, "compute_loss", poisoned)
+    with nan_loss_at_step(trainer, 1):
         trainer.train()
     assert guard.stop_reason == "nonfinite_loss" and trainer.state.global_step == 2
     assert all(torch.isfinite(v).all() for v in stacks.active.state_dict().values())

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 import torch
 
+from brainstacks_hooks.router.analysis import cross_domain_analysis, plot_cross_domain
 from brainstacks_hooks.router.config import RouterConfig
 from brainstacks_hooks.router.oracle import (
     BASE_KEY,
@@ -16,10 +17,8 @@ from brainstacks_hooks.router.oracle import (
     OracleRecord,
     all_route_keys,
     completion_losses,
-    cross_domain_analysis,
     decide,
     parse_route_key,
-    plot_cross_domain,
     route_key,
     run_oracle,
     search_routes,
