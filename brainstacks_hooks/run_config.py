@@ -40,12 +40,15 @@ class TrainArgs:
     logging_steps: int = 10
     eval_batch_size: int = 8
     bf16: bool = True  # autocast in bf16 (CPU too); fp32 otherwise
+    fp16: bool = False  # fp16 autocast + GradScaler (GPUs without bf16, e.g. Colab's T4); set bf16: false with it
     gradient_checkpointing: bool = False
     use_cpu: bool | None = None  # None: CPU when no CUDA device is present
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.eval_steps < 1:
             raise ConfigError("max_steps, batch_size and eval_steps must be >= 1")
+        if self.bf16 and self.fp16:
+            raise ConfigError("train.bf16 and train.fp16 are exclusive: set one (fp16 on GPUs without bf16, e.g. T4)")
 
 
 @dataclass
@@ -67,6 +70,13 @@ class NullSpaceConfig:
     num_samples: int = 64  # validation sequences of each previous domain
     max_rows: int = 1024  # token rows kept per projection for the SVD (uniformly sampled)
     niter: int = 2
+    # whose deltas a finished domain's directions come from: "isolated" (its own stacks, the default) or
+    # "aggregate" (the summed delta of every frozen stack up to it, the condition the paper collects under)
+    collection: str = "isolated"
+
+    def __post_init__(self) -> None:
+        if self.collection not in ("isolated", "aggregate"):
+            raise ConfigError(f"null_space.collection: {self.collection!r} is not 'isolated' or 'aggregate'")
 
 
 @dataclass
@@ -92,7 +102,12 @@ class RouterRowsConfig:
 
 @dataclass
 class DomainConfig:
-    """One domain of the curriculum."""
+    """One domain of the curriculum.
+
+    ``rl`` names RL configs (files or shipped names such as ``rl_grpo_math_cpu``) whose rounds run after the
+    domain's SFT rounds and before its null space is collected and the next domain starts (the paper's order;
+    ``brainstacks train`` runs them through :func:`brainstacks_hooks.rl.round.refine_domain`).
+    """
 
     name: str
     hf_sources: list[HFSource] = field(default_factory=list)
@@ -101,6 +116,7 @@ class DomainConfig:
     max_steps: int | None = None
     max_inner_rounds: int | None = None
     learning_rate: float | None = None
+    rl: list[str] = field(default_factory=list)
 
 
 @dataclass

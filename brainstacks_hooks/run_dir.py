@@ -19,6 +19,7 @@ file                                 written by                     read by
 ``trainer/``                         HF Trainer scratch             nobody (safe to delete)
 ``router/``                          ``brainstacks router``         route, generate, chat, evaluation
 ``eval/<mode>/``                     ``brainstacks eval``           report
+``rl/<domain>-r<k>/``                ``brainstacks rl``             RL resume (pairs, pre-RL metrics), reports
 ==================================== ============================== ===============================================
 
 Each stack file is written **once**; ``manifest.json`` is the record and ``stacks/brainstacks.json`` is
@@ -74,6 +75,7 @@ ROUTER_SUBDIR = "router"
 EVAL_SUBDIR = "eval"
 ROWS_SUBDIR = "rows"
 TRAINER_SUBDIR = "trainer"
+RL_SUBDIR = "rl"
 DATA_REPORT_FILE = "data_report.json"
 FORGETTING_FILE = "forgetting.json"
 FORGETTING_PLOT = "forgetting.png"
@@ -109,8 +111,12 @@ class RoundRecord:
     """One inner-loop (or RL) round of a domain: outcome, losses, file and checksum.
 
     ``status`` is ``accepted`` (the stack was frozen and saved to ``file``) or ``rejected`` (discarded).
-    ``kind`` is ``sft`` (or an RL algorithm). ``note`` explains a non-default decision (e.g. a first round
-    accepted below ``min_loss_delta``).
+    ``kind`` is ``sft`` or the RL algorithm (``dpo``, ``grpo``). ``note`` explains a non-default decision (e.g.
+    a first round accepted below ``min_loss_delta``).
+
+    For an RL round the losses are the domain's SFT validation loss (the ``rows/sft_val`` rows, prefix mode)
+    before and after RL, ``improvement`` is the gain of the acceptance metric (held-out reward for GRPO, the
+    held-out DPO loss decrease for DPO) and ``rl`` holds the metrics before and after, the data and its source.
     """
 
     round: int
@@ -130,6 +136,7 @@ class RoundRecord:
     note: str | None = None
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     train_log: list[dict[str, Any]] = field(default_factory=list)
+    rl: dict[str, Any] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -260,8 +267,11 @@ class Manifest:
 
 def config_key(config: RunConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the original (model, stacks, seed, domains)."""
+    null_space = to_dict(config.null_space)
+    if null_space.get("collection") == "isolated":  # the default: runs recorded before the field existed match
+        del null_space["collection"]
     return {"model": to_dict(config.model), "stack": config.stack.to_dict(), "seed": config.seed,
-            "domains": [d.name for d in config.domains], "null_space": to_dict(config.null_space)}
+            "domains": [d.name for d in config.domains], "null_space": null_space}
 
 
 # ----------------------------------------------------------------------------------------------- RunDir
@@ -306,6 +316,10 @@ class RunDir:
     @property
     def trainer_dir(self) -> Path:
         return self.path / TRAINER_SUBDIR
+
+    def rl_round_dir(self, domain: str, round_index: int) -> Path:
+        """Scratch and records of one RL round (its pairs and pre-RL metrics, reused on resume)."""
+        return self.path / RL_SUBDIR / f"{domain}-r{round_index}"
 
     def stack_path(self, domain: str, round_index: int) -> Path:
         """Where the stack of ``domain`` round ``round_index`` is written (once)."""
@@ -433,6 +447,33 @@ class RunDir:
         if model is None:
             model, _ = self.load_base()
         return BrainStacks.load(model, self.stacks_dir, **load_kw)
+
+    def restore_stacks(self, stacks: Any, domains: list[str] | None = None,
+                       null_space_of: list[str] | None = None) -> None:
+        """Attach the accepted stacks of ``domains`` (all by default) frozen, and the null-space bases of
+        ``null_space_of`` (default: the same domains), checksums verified.
+
+        ``domains`` keeps the training order: ``domains`` = the first ``i + 1`` domains is the model domain
+        ``i`` was trained on (``prefix``); their bases, without domain ``i``'s own, are what its stacks were
+        projected against.
+        """
+        from .stacks.serialization import load_stack
+        from .utils.io import load_safetensors_checked
+
+        self.verify_stacks()
+        m = self.manifest
+        order = m.domain_order if domains is None else [d for d in m.domain_order if d in set(domains)]
+        bases_of = order if null_space_of is None else list(null_space_of)
+        for name in order:
+            for r in m.accepted_rounds(name):
+                stacks.add_frozen(load_stack(self.path / r.file, stacks.shapes, stacks.fingerprint, stacks.config,
+                                             expected_sha256=r.sha256))
+        for name in bases_of:
+            rec = m.domain(name).null_space
+            if rec is not None:
+                stacks.null_space_bases[name] = load_safetensors_checked(self.path / rec.file, rec.sha256)
+        if stacks.null_space_bases:
+            stacks.merge_null_space()
 
     # ---- writing stacks
     def save_round(self, domain: str, record: RoundRecord, stack: Any = None, stacks: Any = None) -> RoundRecord:

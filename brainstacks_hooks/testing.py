@@ -180,3 +180,9 @@ def nan_loss_at_step(trainer: Any, step: int) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(base, "compute_loss", poisoned)
         yield
+
+
+def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """A reward with a spread on any model (the completion's length in characters / 100): GRPO plumbing tests
+    reference it as ``brainstacks_hooks.testing:length_reward``."""
+    return [len(c if isinstance(c, str) else str(c)) / 100.0 for c in completions]

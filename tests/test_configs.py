@@ -28,6 +28,11 @@ def test_shipped_config_loads(path):
     if "domains" in data:
         cfg = load_config(RunConfig, path)
         assert cfg.domains and all(d.name for d in cfg.domains)
+    elif "algorithm" in data:
+        from brainstacks_hooks.rl.config import RLConfig
+
+        cfg = load_config(RLConfig, path)
+        assert path.name.startswith(f"rl_{cfg.algorithm}_") and cfg.domain
     else:
         from brainstacks_hooks.router.pipeline import RouterPipelineConfig
 

@@ -32,7 +32,10 @@ def _train(args: argparse.Namespace) -> int:
     import_peft_without_bitsandbytes()  # bitsandbytes only for the bnb4 backend (see its docstring)
     from ..training.outer_loop import run_sft, summary_table
 
-    run = run_sft(config)
+    refine = None
+    if any(d.rl for d in config.domains):  # RL rounds inside the curriculum (paper order), see DomainConfig.rl
+        from ..rl.round import refine_domain as refine
+    run = run_sft(config, refine=refine)
     print(summary_table(run.manifest))
     print(f"\nstacks: {run.run_dir / 'stacks'}   manifest: {run.run.manifest_path}   "
           f"forgetting: {run.run_dir / 'forgetting.png'}")
@@ -183,3 +186,9 @@ COMMANDS += [
 from . import eval_commands as _ev  # noqa: E402, I001
 COMMANDS += [Command("eval", "lm-eval benchmarks of a run under one mode (routed, base, ungated, prefix:D, "
                      "isolated:D), with the delta to base", _ev._eval_args, _ev._eval)]
+
+from . import rl_commands as _rl  # noqa: E402, I001
+COMMANDS += [Command("rl", "per-domain RL refinement of a finished run: `rl dpo|grpo CONFIG` (a new stack of the "
+                     "domain, accepted on a held-out metric)", _rl._rl_args, _rl._rl)]
+COMMANDS += [Command("report", "one Markdown report of a run (rounds, RL, forgetting, routing, benchmarks, expert "
+                     "utilisation) with PNG plots, in RUN_DIR/report/", _ev._report_args, _ev._report)]

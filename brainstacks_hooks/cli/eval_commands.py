@@ -89,3 +89,19 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"\nresults: {out / 'results.json'}" + ("" if base is not None or args.mode == "base"
                                                    else "   (run --mode base for the delta to base)"))
     return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (any phase: the report says what is missing)")
+    p.add_argument("--utilization-rows", type=int, default=8, help="validation rows per domain for expert utilisation")
+    p.add_argument("--recompute", action="store_true", help="measure the expert utilisation again (else cached)")
+    p.add_argument("--no-utilization", action="store_true", help="skip the expert utilisation (no model load)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..evaluation.report import write_report
+
+    path = write_report(args.run_dir, utilization_rows=args.utilization_rows, recompute=args.recompute,
+                        measure_utilization=not args.no_utilization)
+    print(f"report: {path}")
+    return 0

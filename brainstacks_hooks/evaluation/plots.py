@@ -35,3 +35,66 @@ def plot_forgetting(rows: list[dict[str, Any]], path: str | os.PathLike,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | os.PathLike,
+                     title: str = "training loss", ylabel: str = "loss") -> Path:
+    """One line per curve (``{label: [(step, value), ...]}``), e.g. each round's training loss."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_matrix(grid: list[list[float]], rows: list[str], cols: list[str], path: str | os.PathLike, title: str,
+                fmt: str = "{:.2f}", cmap: str = "viridis") -> Path:
+    """A labelled heatmap with its values written in the cells (NaN cells left blank)."""
+    fig, ax = plt.subplots(figsize=(0.9 * len(cols) + 2.5, 0.5 * len(rows) + 1.8))
+    im = ax.imshow(grid, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, fmt.format(v), ha="center", va="center", color="white", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_expert_utilization(util: dict[str, dict[str, list[float]]], path: str | os.PathLike) -> Path:
+    """Per domain, a layers x projections heatmap of the share of the most used expert among the selections
+    (top-k of E experts: 1/E when balanced, 1/k when the same k experts take every token)."""
+    domains = list(util)
+    keys = sorted({k for d in domains for k in util[d]})
+    layers = sorted({int(k.split(".")[1]) for k in keys if k.split(".")[1].isdigit()})
+    projs = list(dict.fromkeys(k.split(".")[-1] for k in keys))
+    fig, axes = plt.subplots(1, max(1, len(domains)), figsize=(3.2 * max(1, len(domains)), 0.16 * len(layers) + 2.2),
+                             squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        grid = [[max(util[d].get(f"layers.{layer}.{p}", [float("nan")])) for p in projs] for layer in layers]
+        im = ax.imshow(grid, cmap="magma", aspect="auto")
+        ax.set_xticks(range(len(projs)), projs, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(0, len(layers), max(1, len(layers) // 8)), layers[::max(1, len(layers) // 8)], fontsize=7)
+        ax.set_title(f"{d}: top expert share", fontsize=9)
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -50,7 +50,7 @@ from transformers import TrainerCallback
 
 from ..data.formatting import IGNORE_INDEX, encode_example, format_prompt
 from ..errors import ConfigError, StackStateError
-from ..training.trainer import keep_active_stack_dtype
+from ..training.trainer import aux_gradient_scale, keep_active_stack_dtype
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -62,7 +62,7 @@ __all__ = [
     "build_dpo_trainer",
     "build_preference_pairs",
     "dpo_config",
-    "make_sampling_generate_fn",
+    "make_generate_fn",
     "preference_dataset",
     "reference_key",
     "stack_dpo_trainer_class",
@@ -280,9 +280,8 @@ class _StackRLMixin:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, RLGuardCallback)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         # the aux (load-balance) gradient enters inside the hooks; scale it like the task loss of a step
-        self.stacks.aux_grad_scale = 1.0 / max(1, int(steps))
+        self.stacks.aux_grad_scale = aux_gradient_scale(self)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training:
@@ -364,7 +363,7 @@ def build_preference_pairs(rows: Sequence[dict[str, Any]],
     """Preference pairs from instruction/output rows: chosen = the reference answer, rejected = a model sample.
 
     ``generate_fn`` takes ``[(instruction, input), ...]`` and returns the current model's sampled answers
-    (e.g. :func:`make_sampling_generate_fn`). Each pair is labelled: ``pair_source`` = :data:`PAIR_SOURCE`,
+    (e.g. :func:`make_generate_fn`). Each pair is labelled: ``pair_source`` = :data:`PAIR_SOURCE`,
     ``chosen_source = "reference_answer"``, ``rejected_source = "model_sample"``. Pairs where the sample equals
     the reference answer (after stripping whitespace) or is empty are dropped (logged with their count).
     """
@@ -394,11 +393,20 @@ def build_preference_pairs(rows: Sequence[dict[str, Any]],
     return pairs
 
 
-def make_sampling_generate_fn(model: Any, tokenizer: Any, max_new_tokens: int = 128, temperature: float = 1.0,
-                              top_p: float = 1.0, max_prompt_length: int | None = None,
-                              seed: int | None = 0) -> Callable[[list[tuple[str, str]]], list[str]]:
-    """A ``generate_fn`` for :func:`build_preference_pairs`: sample the model (eval mode, its current stacks mode)."""
+def make_generate_fn(model: Any, tokenizer: Any, max_new_tokens: int = 128, *, do_sample: bool = True,
+                     temperature: float = 1.0, top_p: float = 1.0, max_prompt_length: int | None = None,
+                     seed: int | None = 0) -> Callable[[list[tuple[str, str]]], list[str]]:
+    """``generate_fn(prompts) -> answers`` through the hooked model in its current stacks mode (eval mode).
+
+    Sampled (``do_sample=True``, e.g. the rejected answers of :func:`build_preference_pairs`) or greedy (the
+    held-out completions RL rounds score). Prompts are ``(instruction, input)`` pairs in the one prompt format
+    (:func:`~brainstacks_hooks.data.formatting.encode_prompt_batch`). On the Unsloth backend the KV cache is
+    off (its fast decode path skips the hooks).
+    """
     from ..data.formatting import encode_prompt_batch
+
+    use_cache = getattr(model, "_brainstacks_backend", None) != "unsloth"
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
 
     def generate(prompts: list[tuple[str, str]]) -> list[str]:
         batch = encode_prompt_batch(tokenizer, prompts, max_length=max_prompt_length)
@@ -407,11 +415,11 @@ def make_sampling_generate_fn(model: Any, tokenizer: Any, max_new_tokens: int = 
         was_training = model.training
         model.eval()
         try:
-            if seed is not None:
+            if seed is not None and do_sample:
                 torch.manual_seed(seed)
             with torch.no_grad():
-                out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens, use_cache=use_cache,
+                                     pad_token_id=tokenizer.pad_token_id)
         finally:
             model.train(was_training)
         new = out[:, batch["input_ids"].shape[1]:]
@@ -457,7 +465,11 @@ def stack_dpo_trainer_class() -> type:
             first = next(iter(dataset))
             if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(first):
                 if args.max_length is not None and args.truncation_mode == "keep_start":
+                    n = len(dataset)
                     dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
+                    if n and not len(dataset):
+                        raise ConfigError(f"{dataset_name} preference pairs: every prompt has max_length="
+                                          f"{args.max_length} tokens or more, so none is left; raise max_length")
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 

@@ -1,6 +1,7 @@
 """Collect the directions a finished domain's frozen stacks write into (paper 3.5, done right).
 
-For a previous domain p, its validation sequences run through the model in ``isolated(p)`` mode; the
+For a previous domain p, its validation sequences run through the model in ``isolated(p)`` mode (or, with
+``collection: aggregate``, in ``prefix(p)`` mode: every frozen stack up to p, the paper's condition); the
 hooks hand over the frozen stacks' summed output delta per projection (the delta the forward computes
 anyway). Token rows (padding excluded) are sampled uniformly up to ``max_rows`` per projection, and the
 top-k right singular vectors become p's basis. Bases of all previous domains are merged and
@@ -51,7 +52,8 @@ def collect_domain_basis(
 
     collate = CompletionCollator(pad_token_id=pad_token_id)
     device = next(stacks.model.parameters()).device
-    with eval_mode(stacks.model), stacks.isolated(domain), stacks.collect_frozen_deltas(collect), \
+    mode = stacks.prefix(domain) if config.collection == "aggregate" else stacks.isolated(domain)
+    with eval_mode(stacks.model), mode, stacks.collect_frozen_deltas(collect), \
             autocast_context(stacks.model, bf16):
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size])

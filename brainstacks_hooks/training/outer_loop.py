@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,7 @@ from ..run_dir import (
     RunDir,
 )
 from ..stacks.brainstacks import BrainStacks
-from ..stacks.serialization import load_stack
-from ..utils.io import atomic_write_json, load_safetensors_checked
+from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
 from .data import DomainExamples, prepare_run_data, sample_router_rows
@@ -67,22 +67,6 @@ class SFTRun:
         return self.run.path
 
 
-def _restore(stacks: BrainStacks, run: RunDir) -> None:
-    """Re-attach every accepted stack and null-space basis the manifest lists (checksums verified)."""
-    run.verify_stacks()
-    m = run.manifest
-    for name in m.domain_order:
-        rec = m.domain(name)
-        if rec.null_space is not None:
-            stacks.null_space_bases[name] = load_safetensors_checked(run.path / rec.null_space.file,
-                                                                     rec.null_space.sha256)
-        for r in rec.accepted_rounds():
-            stacks.add_frozen(load_stack(run.path / r.file, stacks.shapes, stacks.fingerprint, stacks.config,
-                                         expected_sha256=r.sha256))
-    if stacks.null_space_bases:
-        stacks.merge_null_space()
-
-
 def _prepare_data(config: RunConfig, tokenizer: Any, run: RunDir) -> DomainExamples:
     """Rows of a new run are loaded, cleaned and recorded; a resumed run reuses the recorded rows.
 
@@ -107,8 +91,16 @@ def _prepare_data(config: RunConfig, tokenizer: Any, run: RunDir) -> DomainExamp
     return data
 
 
-def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None) -> SFTRun:
+#: ``refine(run, stacks, tokenizer, domain_config)``: called after a domain's SFT rounds, before its null space
+#: (e.g. :func:`brainstacks_hooks.rl.round.refine_domain`, the RL rounds of ``domain_config.rl``).
+Refine = Callable[[RunDir, BrainStacks, Any, Any], None]
+
+
+def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine: Refine | None = None) -> SFTRun:
     """Train every domain of ``config`` (resuming from ``output_dir`` when it holds this run).
+
+    ``refine`` runs after each domain's SFT rounds (the domain is still ``running``; a crash there resumes
+    into it again), before the domain's null space is collected, so what it adds is frozen with the domain.
 
     Raises:
         RunDirError: ``output_dir`` holds another run or one of the old layout.
@@ -124,7 +116,7 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None) -> SFTR
     run = RunDir.create_or_resume(config, stacks.fingerprint)
     m = run.manifest
     data = _prepare_data(config, tokenizer, run)
-    _restore(stacks, run)
+    run.restore_stacks(stacks)
 
     pad, tr = tokenizer.pad_token_id, config.train
     for index, dom in enumerate(config.domains):
@@ -175,7 +167,14 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None) -> SFTR
                 + (f"({first.loss_before:.4f} -> best {first.best_val_loss:.4f}) " if first else "")
                 + "so it would have no stack; raise train.max_steps or the learning rate (or fix its data) and "
                 "rerun the same command to retry this domain")
-        rec.final_prefix_loss = accepted[-1].frozen_val_loss
+        if refine is not None:
+            refine(run, stacks, tokenizer, dom)
+        last = rec.accepted_rounds()[-1]
+        if last.kind == "sft":
+            rec.final_prefix_loss = last.frozen_val_loss
+        else:  # an RL round's losses are on a sample of the val rows: the domain's final policy on all of them
+            with stacks.prefix(dom.name):
+                rec.final_prefix_loss = evaluate_loss(stacks.model, val_ex, pad, tr.eval_batch_size, tr.bf16)
         rec.status = "done"
         run.save_manifest()
         if config.null_space.enabled:

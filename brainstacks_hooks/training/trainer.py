@@ -4,7 +4,8 @@ The load-balance loss (paper eq. 7, ``alpha * sum over projections of E * sum_i 
 :mod:`brainstacks_hooks.stacks.moe_lora`) reaches the gradients inside the hooks (see
 :class:`~brainstacks_hooks.stacks.moe_lora.AuxLossInjector`), so it also works under reentrant gradient
 checkpointing; it is never part of the loss tensor that ``compute_loss`` returns. This trainer sets its
-gradient scale to ``1 / gradient-accumulation steps`` and logs, at each logging step:
+gradient scale to ``1 / gradient-accumulation steps`` (times the fp16 loss scale, :func:`aux_gradient_scale`)
+and logs, at each logging step:
 
 * ``loss``: the task loss only (completion cross-entropy), as the Trainer computes it;
 * ``load_balance_loss``: the value the hooks add to the objective, coefficient applied and summed over
@@ -33,6 +34,24 @@ from .config import TrainArgs
 logger = get_logger(__name__)
 
 
+def aux_gradient_scale(trainer: Any) -> float:
+    """The constant the hooks inject as the load-balance loss's gradient for one micro-batch of ``trainer``.
+
+    ``1 / gradient-accumulation steps`` (the task loss of an optimizer step is the mean over its micro-batches),
+    times the current loss scale when fp16 training runs under a ``GradScaler`` (accelerate's
+    ``trainer.accelerator.scaler``): the scaler multiplies the task loss before ``backward`` and divides every
+    gradient after it, so an injected constant that ignored the scale would shrink by the scale factor (65536 at
+    the start) and the load balance would stop training. Called in ``compute_loss``, before the forward, so the
+    scale is the one the following ``backward`` uses.
+    """
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+    scale = 1.0 / max(1, int(steps))
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        scale *= float(scaler.get_scale())
+    return scale
+
+
 class StackSFTTrainer(SFTTrainer):
     """``SFTTrainer`` whose trainable parameters are the active stack of ``stacks``."""
 
@@ -44,11 +63,10 @@ class StackSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        # The task loss of an optimizer step is the mean over its micro-batches; the injected aux gradient
-        # does not scale with the task loss's upstream gradient, so scale it here, in every case.
-        scale = 1.0 / max(1, int(steps))
-        self.stacks.aux_grad_scale = scale
+        # the injected aux gradient does not follow the task loss's upstream gradient: scale it here, in every case
+        self.stacks.aux_grad_scale = aux_gradient_scale(self)
+        scale = 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
+                                 or self.args.gradient_accumulation_steps))  # the logged value's weight
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training and self.stacks.config.aux_loss_coef > 0:
             added, n = self.stacks.aux_loss(), self._n_aux_projections()
@@ -90,6 +108,7 @@ def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float
         save_strategy="no",
         report_to="none",
         bf16=args.bf16,
+        fp16=args.fp16,  # accelerate's GradScaler; the aux gradient follows its scale (aux_gradient_scale)
         use_cpu=use_cpu,
         gradient_checkpointing=args.gradient_checkpointing,
         max_length=args.max_length,

@@ -190,11 +190,11 @@ def test_preference_dataset_uses_the_one_prompt_format(setup):
 
 
 def test_sampling_generate_fn_runs_through_the_stacks(setup):
-    from brainstacks_hooks.rl.dpo import build_preference_pairs, make_sampling_generate_fn
+    from brainstacks_hooks.rl.dpo import build_preference_pairs, make_generate_fn
 
     stacks, tok = setup
     was = stacks.model.training
-    gen = make_sampling_generate_fn(stacks.model, tok, max_new_tokens=4)
+    gen = make_generate_fn(stacks.model, tok, max_new_tokens=4)
     rows = [{"id": 0, "instruction": "Name a colour.", "output": "Blue."}]
     pairs = build_preference_pairs(rows, gen)
     assert len(pairs) <= 1
@@ -233,3 +233,11 @@ def test_trainer_class_is_created_lazily_from_the_current_trl_binding(monkeypatc
 
     monkeypatch.setattr(trl, "DPOTrainer", Patched)
     assert Patched in stack_dpo_trainer_class().__mro__
+
+
+def test_pairs_all_longer_than_max_length_are_a_clear_error(setup, tmp_path):
+    from brainstacks_hooks.rl.dpo import build_dpo_trainer
+
+    stacks, tok = setup
+    with pytest.raises(ConfigError, match="raise max_length"):
+        build_dpo_trainer(stacks, tok, ROWS, _config(tmp_path, max_length=4))

@@ -122,3 +122,39 @@ def test_aux_gradient_identical_with_and_without_reentrant_checkpointing(tiny_ba
         model(**tiny_batch).loss.backward()
         grads.append(torch.cat([m.router.grad.flatten() for _, m in stacks.active.items()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_aux_gradient_follows_the_fp16_loss_scale(tiny_batch):
+    """Under a GradScaler the task loss is multiplied by S before backward and every gradient divided by S after
+    it: the injected aux gradient must be scaled by S too (aux_gradient_scale), or it shrinks by S."""
+    from types import SimpleNamespace
+
+    from brainstacks_hooks.training.trainer import aux_gradient_scale
+
+    def router_grads(scaler, follow_scale=True):
+        model = make_tiny_llama()
+        stacks = BrainStacks.attach(model)
+        torch.manual_seed(3)
+        add_random_stack(stacks, "a", 4, b_scale=0.05, router_scale=1.0, freeze=False)
+        trainer = SimpleNamespace(args=SimpleNamespace(gradient_accumulation_steps=2),
+                                  accelerator=SimpleNamespace(scaler=scaler))
+        stacks.aux_grad_scale = aux_gradient_scale(trainer) if follow_scale else 0.5
+        opt = torch.optim.SGD(stacks.trainable_parameters(), lr=0.0)
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**tiny_batch).loss / 2  # one of two micro-batches
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        return torch.cat([m.router.grad.flatten() for _, m in stacks.active.items()])
+
+    reference = router_grads(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    assert aux_gradient_scale(SimpleNamespace(args=SimpleNamespace(gradient_accumulation_steps=2),
+                                              accelerator=SimpleNamespace(scaler=scaler))) == 2.0 ** 11
+    torch.testing.assert_close(router_grads(scaler), reference, rtol=1e-4, atol=1e-7)
+    # the constant alone (the old behaviour) loses the aux term by the scale factor after unscaling
+    stale = router_grads(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), follow_scale=False)
+    assert not torch.allclose(stale, reference, rtol=1e-2, atol=1e-6)
