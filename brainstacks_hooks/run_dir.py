@@ -121,10 +121,10 @@ class RoundRecord:
 
     round: int
     status: str
-    loss_before: float
-    best_val_loss: float
+    loss_before: float | None
+    best_val_loss: float | None
     frozen_val_loss: float | None
-    improvement: float
+    improvement: float | None
     steps: int
     wall_time_s: float
     seed: int

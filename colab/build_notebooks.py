@@ -211,8 +211,8 @@ def rl() -> list:
                       '    DPO = ("trainer.max_steps=1 trainer.per_device_train_batch_size=2 trainer.max_length=256 "\n'
                       '           "data.train_rows=2 data.eval_rows=2 pairs.max_new_tokens=6 eval.sft_val_rows=2 "\n'
                       '           "min_improvement=-1")\n'
-                      'else:\n'
-                      '    DPO = "trainer.max_steps=60"\n'
+                      'else:  # held-out pairs from the validation rows of the run\n'
+                      '    DPO = "trainer.max_steps=60 data.eval_source=sft_val"\n'
                       'sh(f"brainstacks rl dpo rl_dpo_chat_cpu run_dir={RUN_DIR} {DPO}")'),
         new_code_cell('from brainstacks_hooks.rl.round import summary_table\n\n'
                       'print(summary_table(RunDir.open(RUN_DIR).manifest))'),
@@ -271,7 +271,8 @@ def evaluation() -> list:
         "read from a data directory (`BRAINSTACKS_DATA_DIR`, the layout of `shared/data`), evaluated on the live "
         "hooked model in each mode, with the delta to `base`; then `brainstacks report` writes one Markdown report "
         "with every table and plot of the run.",
-        "bnb,eval")
+        "bnb,eval", extra=('# the benchmark files: a folder with eval/*.jsonl in the layout of shared/data (e.g. on '
+                           'Drive)\nDATA_DIR = os.environ.get("BRAINSTACKS_DATA_DIR", "")'))
     cells += [
         new_code_cell('from brainstacks_hooks.run_dir import RunDir\n\n'
                       'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
@@ -281,8 +282,13 @@ def evaluation() -> list:
         new_code_cell('FULL = "bs_arc_easy,bs_arc_challenge,bs_hellaswag,bs_gsm8k"\n'
                       'TASKS = "bs_arc_easy,bs_gsm8k" if SMOKE else FULL\n'
                       'LIMIT = 2 if SMOKE else 200\n'
-                      'for mode in ("base", "routed"):\n'
-                      '    sh(f"brainstacks eval {RUN_DIR} --tasks {TASKS} --mode {mode} --limit {LIMIT}")'),
+                      'if not DATA_DIR:\n'
+                      '    print("Set DATA_DIR (a folder with eval/*.jsonl) in the settings cell to run the "\n'
+                      '          "benchmarks; skipping them (the report below says what is missing).")\n'
+                      'else:\n'
+                      '    for mode in ("base", "routed"):\n'
+                      '        sh(f"brainstacks eval {RUN_DIR} --tasks {TASKS} --mode {mode} --limit {LIMIT} "\n'
+                      '           f"--data-dir {DATA_DIR}")'),
         new_code_cell('from IPython.display import Markdown, display\n\n'
                       'sh(f"brainstacks report {RUN_DIR} --utilization-rows {2 if SMOKE else 16}")\n'
                       'display(Markdown(open(f"{RUN_DIR}/report/report.md").read()))'),

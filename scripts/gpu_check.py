@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from brainstacks_hooks.models.hardware import native_bf16
+
 
 def _sync() -> None:
     if torch.cuda.is_available():
@@ -64,7 +66,8 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
 
     out: dict[str, Any] = {"backend": backend}
     t0 = time.perf_counter()
-    model, tok = load_base_model(model_name, backend=backend, dtype=dtype)
+    device_map = {"": 0} if torch.cuda.is_available() and backend == "hf" else None  # hf loads on the CPU otherwise
+    model, tok = load_base_model(model_name, backend=backend, dtype=dtype, device_map=device_map)
     out["load_s"] = round(time.perf_counter() - t0, 2)
     device = next(model.parameters()).device
     stacks = BrainStacks.attach(model, StackConfig())
@@ -100,7 +103,7 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
         if precision == "fp16" and device.type != "cuda":
             out["train_fp16"] = {"skipped": "GradScaler fp16 training needs CUDA (tests cover the scaling on CPU)"}
             continue
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16" and device.type == "cuda" and not native_bf16():
             out["train_bf16"] = {"skipped": "no bf16 on this GPU"}
             continue
         stacks.discard_active()
@@ -109,7 +112,7 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         stacks.aux_grad_scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
         model.train()
-        losses, router_grad = [], 0.0
+        losses, router_grad, first_router_grad = [], 0.0, None
         t0 = time.perf_counter()
         for _ in range(steps):
             with torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
@@ -118,6 +121,8 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
             scaler.unscale_(opt)
             router_grad = sum(float(m.router.grad.abs().sum()) for _, m in stacks.active.items()
                               if m.router.grad is not None)
+            if first_router_grad is None:  # step 1: B = 0, so this is the load-balance gradient alone
+                first_router_grad = router_grad
             scaler.step(opt)
             scaler.update()
             stacks.aux_grad_scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
@@ -127,7 +132,12 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
         unchanged = all(torch.equal(frozen_before[k], v) for k, v in stacks.frozen_stacks[0].tensors().items())
         out[f"train_{precision}"] = {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
                                      "s_per_step": round((time.perf_counter() - t0) / steps, 4),
-                                     "frozen_bit_identical": unchanged, "router_grad_abs_sum": router_grad}
+                                     "frozen_bit_identical": unchanged, "router_grad_abs_sum": router_grad,
+                                     "step1_aux_router_grad_abs_sum": first_router_grad}
+    if "step1_aux_router_grad_abs_sum" in out.get("train_fp16", {}) and "train_bf16" in out:
+        key = "step1_aux_router_grad_abs_sum"
+        bf, fp = out["train_bf16"].get(key), out["train_fp16"][key]
+        out["aux_grad_fp16_over_bf16"] = fp / bf if bf else None  # about 1 when the injection follows the loss scale
 
     # bypass guard: a forward whose hooks do not fire must raise
     from brainstacks_hooks.errors import StackBypassed
@@ -223,7 +233,7 @@ def main() -> None:
         if backend == "unsloth" and not (cuda and importlib.util.find_spec("unsloth")):
             report["backends"][backend] = {"skipped": "needs CUDA and the unsloth extra (its own venv)"}
             continue
-        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else ("float16" if cuda else "float32")
+        dtype = "bfloat16" if native_bf16() else ("float16" if cuda else "float32")
         t0 = time.perf_counter()
         try:
             report["backends"][backend] = check_backend(backend, args.model, args.steps, dtype)

@@ -153,12 +153,12 @@ def _eval_section(run: RunDir) -> str | None:
 
 def _router_sections(report: dict[str, Any]) -> list[str]:
     parts = []
-    h, p = report["held_out"], report.get("linear_probe") or {}
+    h, p = report.get("held_out") or {}, report.get("linear_probe") or {}
     domains = [k.removeprefix("top1_") for k in h if k.startswith("top1_") and k != "top1_margin"]
-    rows = [["top-1 vs source domain", h["top1"], p.get("top1")],
-            ["mean margin top - runner-up", h["top1_margin"], p.get("top1_margin")],
-            ["mean spread highest - lowest", h["score_spread"], p.get("score_spread")],
-            *[[f"top-1 {d}", h[f"top1_{d}"], p.get(f"top1_{d}")] for d in domains]]
+    rows = [["top-1 vs source domain", h.get("top1"), p.get("top1")],
+            ["mean margin top - runner-up", h.get("top1_margin"), p.get("top1_margin")],
+            ["mean spread highest - lowest", h.get("score_spread"), p.get("score_spread")],
+            *[[f"top-1 {d}", h.get(f"top1_{d}"), p.get(f"top1_{d}")] for d in domains]]
     parts.append(f"Held-out prompts (n={h.get('n')}), router vs a linear probe on the same features and rows:\n\n"
                  + _table(["metric", "router", "linear probe"], rows))
     vl = report.get("val_losses") or {}
@@ -175,8 +175,10 @@ def _router_sections(report: dict[str, Any]) -> list[str]:
                               rows))
     gap = report.get("gap")
     if gap:
-        parts.append(f"Gap flag (every score at or below the gate): in-domain {gap['trained_domains']:.3f} of "
-                     f"{gap['n_trained']}, untrained domains {gap['untrained_domains']:.3f} of {gap['n_untrained']}.")
+        trained, untrained = _fmt(gap.get("trained_domains"), 3), _fmt(gap.get("untrained_domains"), 3)
+        parts.append(f"Gap flag (every score at or below the gate): raised for a fraction {trained} "
+                     f"of {gap.get('n_trained', 0)} in-domain prompts and {untrained} of "
+                     f"{gap.get('n_untrained', 0)} prompts of untrained domains.")
     return parts
 
 

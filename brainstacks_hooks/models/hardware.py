@@ -39,12 +39,18 @@ class HardwareSettings:
         return asdict(self)
 
 
+def native_bf16() -> bool:
+    """A CUDA device with native bf16 (compute capability 8+: L4, A10, A100, H100). ``torch.cuda.is_bf16_supported()``
+    also says yes for emulated bf16 (T4, V100), where fp16 + GradScaler is the right choice."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def suggest_settings(prefer: str | None = None) -> HardwareSettings:
     """The backend and precision for this machine (see the module table); ``prefer`` forces a backend."""
     if not torch.cuda.is_available():
         return HardwareSettings("cpu", prefer or "hf", "float32", bf16=True, fp16=False)
     name = torch.cuda.get_device_name(0)
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = native_bf16()
     if prefer is None:
         if importlib.util.find_spec("unsloth") is not None:
             prefer = "unsloth"

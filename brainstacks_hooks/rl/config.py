@@ -109,6 +109,9 @@ class RLConfig:
         eval: The held-out metric.
         min_improvement: Acceptance threshold of the held-out metric's gain (GRPO: mean reward; DPO: held-out
             DPO loss decrease).
+        max_sft_val_loss_increase: A round is also rejected when the domain's SFT validation loss rose by more
+            than this (RL must not undo SFT; DPO's held-out loss starts at ln 2 and falls under almost any
+            update, so the held-out metric alone is a weak test); ``None`` disables the check.
         guard_eval_steps: Every this many steps the best-weights guard scores the held-out metric on
             ``guard_eval_rows`` rows and keeps the best weights (0: the loss-only guard).
         guard_eval_rows: Held-out rows the guard scores.
@@ -127,6 +130,7 @@ class RLConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     min_improvement: float = 0.0
+    max_sft_val_loss_increase: float | None = 0.05
     guard_eval_steps: int = 0
     guard_eval_rows: int = 8
     backend: str | None = None

@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 
 from ..data.formatting import IGNORE_INDEX, encode_example, format_prompt
 from ..errors import ConfigError, StackStateError
+from ..models.hardware import native_bf16
 from ..training.trainer import aux_gradient_scale, keep_active_stack_dtype
 from ..utils.logging import get_logger
 
@@ -491,7 +492,7 @@ def dpo_config(output_dir: str, **overrides: Any):
         output_dir=output_dir, max_steps=100, per_device_train_batch_size=4, gradient_accumulation_steps=1,
         learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, beta=0.1, max_length=512,
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        use_cpu=not cuda, bf16=native_bf16(), fp16=cuda and not native_bf16(), gradient_checkpointing=False,
         dataloader_num_workers=0, disable_dropout=True, seed=0,
     )
     kw.update(overrides)

@@ -34,6 +34,7 @@ import torch
 
 from ..data.formatting import encode_text, format_prompt
 from ..errors import ConfigError
+from ..models.hardware import native_bf16
 from ..training.trainer import keep_active_stack_dtype
 from ..utils.logging import get_logger
 from .dpo import (
@@ -117,7 +118,7 @@ def grpo_config(output_dir: str, **overrides: Any):
         output_dir=output_dir, max_steps=50, per_device_train_batch_size=4, gradient_accumulation_steps=1,
         num_generations=4, max_completion_length=64, learning_rate=1e-4, lr_scheduler_type="constant",
         warmup_steps=0, beta=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no",
-        report_to="none", use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
+        report_to="none", use_cpu=not cuda, bf16=native_bf16(), fp16=cuda and not native_bf16(),
         gradient_checkpointing=False, dataloader_num_workers=0, disable_dropout=True, use_vllm=False, seed=0,
     )
     kw.update(overrides)

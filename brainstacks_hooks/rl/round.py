@@ -43,7 +43,7 @@ import torch
 
 from ..config import to_dict
 from ..constants import ENV_DATA_DIR
-from ..data.formatting import encode_example, encode_rows
+from ..data.formatting import IGNORE_INDEX, encode_rows
 from ..errors import ConfigError, RunDirError, TrainingError
 from ..loss import evaluate_loss, per_example_loss
 from ..run_dir import RoundRecord, RunDir, ids_hash
@@ -112,7 +112,7 @@ def load_rl_rows(run: RunDir, source: str, domain: str, n: int | None, seed: int
         parts = source[3:].split(":")  # hf:<id>[:<config>]:<split>
         name, config_name = parts[0], (parts[1] if len(parts) == 3 else None)
         dataset = load_dataset(name, config_name, split=parts[-1] if len(parts) > 1 else "train")
-        rows = [dict(r, id=r.get("id", f"{name}:{i}")) for i, r in enumerate(dataset)]
+        rows = [dict(r, id=r.get("id", f"{source[3:]}:{i}")) for i, r in enumerate(dataset)]  # split in the id
     else:
         import os
 
@@ -140,11 +140,14 @@ def _prompts(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _mean_stderr(values: list[float]) -> dict[str, float]:
+def _mean_stderr(values: list[float]) -> dict[str, float | None]:
+    """Mean and standard error (``None`` where undefined: the manifest stays strict JSON)."""
     n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
-    return {"mean": mean, "stderr": math.sqrt(var / n) if n > 1 else float("nan"), "n": n}
+    if not n:
+        return {"mean": None, "stderr": None, "n": 0}
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else None
+    return {"mean": mean, "stderr": math.sqrt(var / n) if var is not None else None, "n": n}
 
 
 def reward_metrics(stacks: BrainStacks, tokenizer: Any, rows: list[dict[str, Any]], names: list[str],
@@ -241,8 +244,18 @@ def _sft_val_loss(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: str,
         return evaluate_loss(stacks.model, examples, tokenizer.pad_token_id, tr.eval_batch_size, tr.bf16)
 
 
+def _prompt_key(row: dict[str, Any]) -> str:
+    instruction, inp = _prompts([row])[0]
+    text = f"{instruction}\n{inp}" if isinstance(instruction, str) else json.dumps(instruction, sort_keys=True)
+    return " ".join(text.lower().split())
+
+
 def _check_disjoint(train: list[dict], held_out: list[dict], config: RLConfig) -> None:
     overlap = {r["id"] for r in train} & {r["id"] for r in held_out}
+    same_text = {_prompt_key(r) for r in train} & {_prompt_key(r) for r in held_out}
+    if same_text and not overlap:
+        raise ConfigError(f"data: {len(same_text)} held-out prompts ({config.data.eval_source}) also appear among the "
+                          f"training prompts ({config.data.train_source}) under other ids; use disjoint sources")
     if overlap:
         raise ConfigError(f"data: {len(overlap)} held-out rows ({config.data.eval_source}) are also training rows "
                           f"({config.data.train_source}), e.g. {sorted(overlap)[0]!r}; use disjoint sources")
@@ -299,9 +312,9 @@ def _trainer_args(config: RLConfig, scratch: Path, progress: bool, backend: str 
 
 
 def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
-               loaded: tuple[BrainStacks, Any] | None = None) -> RLRoundResult:
+               loaded: tuple[BrainStacks, Any]) -> RLRoundResult:
     t0 = time.time()
-    stacks, tokenizer = loaded if loaded is not None else _setup(run, config)
+    stacks, tokenizer = loaded
     pad = tokenizer.pad_token_id
     scratch = run.rl_round_dir(config.domain, round_index)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -326,8 +339,15 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     if config.algorithm == "dpo":
         from .dpo import build_dpo_trainer, preference_dataset
 
-        eval_examples = [tuple(encode_example(tokenizer, p["instruction"], p.get("input", "") or "", p[k], 10**9)
-                               for k in ("chosen", "rejected")) for p in eval_rows]
+        eval_dataset = preference_dataset(tokenizer, eval_rows)
+
+        def as_example(prompt_ids: list[int], answer_ids: list[int]) -> dict[str, list[int]]:
+            ids = list(prompt_ids) + list(answer_ids)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids),
+                    "labels": [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)}
+
+        eval_examples = [(as_example(r["prompt_ids"], r["chosen_ids"]), as_example(r["prompt_ids"], r["rejected_ids"]))
+                         for r in eval_dataset]
 
         def measure() -> dict[str, Any]:
             return preference_metrics(state["trainer"], stacks, eval_examples, pad, config.eval.batch_size)
@@ -340,7 +360,9 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
             return metrics
 
     before_path = scratch / BEFORE_FILE
-    key = {"config": to_dict(config.eval), "data": to_dict(dc), "rewards": config.rewards,
+    key = {"algorithm": config.algorithm, "config": to_dict(config.eval), "data": to_dict(dc),
+           "rewards": config.rewards, "reward_weights": config.reward_weights, "pairs": to_dict(config.pairs),
+           "seed": config.seed,
            "ids_hash": ids_hash([str(r["id"]) for r in eval_rows])}
     guard_score = None
     if config.guard_eval_steps > 0:
@@ -352,8 +374,7 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
                 return -float(measure(eval_rows[: config.guard_eval_rows])["score"]["mean"])
     guard = RLGuardCallback(stacks, evaluate=guard_score, eval_steps=max(1, config.guard_eval_steps))
     if config.algorithm == "dpo":
-        trainer = build_dpo_trainer(stacks, tokenizer, train_rows, args,
-                                    eval_rows=preference_dataset(tokenizer, eval_rows), guard=guard)
+        trainer = build_dpo_trainer(stacks, tokenizer, train_rows, args, eval_rows=eval_dataset, guard=guard)
     else:
         trainer = build_grpo_trainer(stacks, tokenizer, train_rows, resolve_rewards(config.rewards), args, guard=guard)
     state["trainer"] = trainer
@@ -366,8 +387,8 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
         before = measure()
         before["sft_val_loss"] = _sft_val_loss(run, stacks, tokenizer, config.domain, config.eval.sft_val_rows)
         atomic_write_json(before_path, {"key": key, "metrics": before})
-    if guard_score is not None:
-        guard.best_score = (-before["score"]["mean"] if config.algorithm == "grpo" else before["loss"])
+    if guard_score is not None:  # the guard's starting point, on the rows the guard scores
+        guard.best_score = guard_score() if config.algorithm == "grpo" else before["loss"]
 
     t_train = time.time()
     trainer.train()
@@ -380,19 +401,26 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     if _frozen_hash(stacks) != frozen_before:  # the hooks never hand frozen tensors to the optimizer
         raise TrainingError(f"{config.domain} r{round_index}: frozen stacks changed during RL (a bug; nothing saved)")
 
-    b, a = float(before["score"]["mean"]), float(after["score"]["mean"])
-    improvement = a - b
-    accept = improvement > config.min_improvement and math.isfinite(a)
+    b, a = before["score"]["mean"], after["score"]["mean"]
+    finite = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+    improvement = a - b if finite else None
     loss_b, loss_a = before.get("sft_val_loss"), after.get("sft_val_loss")
+    sft_rise = loss_a - loss_b if loss_a is not None and loss_b is not None else None
+    reasons = []
+    if improvement is None or improvement <= config.min_improvement:
+        what = "reward" if config.algorithm == "grpo" else "-DPO loss"
+        reasons.append(f"held-out {what} did not rise by more than {config.min_improvement} ({b} -> {a})")
+    if config.max_sft_val_loss_increase is not None and sft_rise is not None \
+            and sft_rise > config.max_sft_val_loss_increase:
+        reasons.append(f"the SFT validation loss rose by {sft_rise:.4f} (> max_sft_val_loss_increase "
+                       f"{config.max_sft_val_loss_increase})")
+    accept = not reasons
     record = RoundRecord(
-        round=round_index, status="accepted" if accept else "rejected",
-        loss_before=float("nan") if loss_b is None else loss_b,
-        best_val_loss=float("nan") if loss_a is None else loss_a,
+        round=round_index, status="accepted" if accept else "rejected", loss_before=loss_b, best_val_loss=loss_a,
         frozen_val_loss=loss_a if accept else None, improvement=improvement, steps=steps,
         wall_time_s=round(time.time() - t0, 2), seed=config.seed, stop_reason=guard.stop_reason,
         kind=config.algorithm, train_log=log, eval_history=list(guard.history),
-        note=None if accept else f"held-out {'reward' if config.algorithm == 'grpo' else '-DPO loss'} did not rise "
-                                 f"by more than {config.min_improvement} ({b:.4f} -> {a:.4f}); stack discarded",
+        note=None if accept else "; ".join(reasons) + "; stack discarded",
         rl={"metric": "mean reward" if config.algorithm == "grpo" else "-DPO loss", "before": before, "after": after,
             "train_s": round(train_s, 2), "s_per_step": round(train_s / max(1, steps), 2),
             "train_rows": len(train_rows), "eval_rows": len(eval_rows), "train_source": dc.train_source,
@@ -409,33 +437,39 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
         stacks.discard_active()
         run.save_round(config.domain, record)
     run.verify_stacks()  # every earlier stack file still matches the manifest's checksum
-    logger.info("%s r%d (%s): %s, held-out %s %.4f -> %.4f in %d steps (%.1f s/step)", config.domain, round_index,
+    logger.info("%s r%d (%s): %s, held-out %s %s -> %s in %d steps (%.1f s/step)", config.domain, round_index,
                 config.algorithm, record.status, record.rl["metric"], b, a, steps, record.rl["s_per_step"])
     if (run.router_dir / "router.json").is_file() and accept:
         logger.warning("the run's router was trained on the stacks before this round; retrain it: "
                        "brainstacks router %s", run.path)
-    if loaded is None:
-        stacks.detach()
     return RLRoundResult(config.domain, record, before, after)
 
 
 def _rounds(run: RunDir, config: RLConfig, progress: bool,
             loaded: tuple[BrainStacks, Any] | None = None) -> list[RLRoundResult]:
-    results = []
-    while True:
-        rounds = run.manifest.domain(config.domain).rounds
-        done = [r for r in rounds if r.kind == config.algorithm]
-        if any(not r.accepted for r in done):
-            logger.info("%s: a %s round was rejected; no further %s rounds (run with a new config to retry)",
-                        config.domain, config.algorithm, config.algorithm)
-            break
-        if len(done) >= config.rounds:
-            if not results:
-                logger.info("%s: %d %s round(s) already recorded; nothing to do", config.domain, len(done),
-                            config.algorithm)
-            break
-        k = max(r.round for r in rounds) + 1
-        results.append(_run_round(run, config, k, progress, loaded))
+    """The missing rounds of ``config``; the base is loaded once for all of them unless ``loaded`` is given."""
+    own = loaded is None
+    results: list[RLRoundResult] = []
+    try:
+        while True:
+            rounds = run.manifest.domain(config.domain).rounds
+            done = [r for r in rounds if r.kind == config.algorithm]
+            if any(not r.accepted for r in done):
+                logger.info("%s: a %s round was rejected; no further %s rounds (run with a new config to retry)",
+                            config.domain, config.algorithm, config.algorithm)
+                break
+            if len(done) >= config.rounds:
+                if not results:
+                    logger.info("%s: %d %s round(s) already recorded; nothing to do", config.domain, len(done),
+                                config.algorithm)
+                break
+            if loaded is None:
+                loaded = _setup(run, config)
+            k = max(r.round for r in rounds) + 1
+            results.append(_run_round(run, config, k, progress, loaded))  # an accepted stack joins the next base
+    finally:
+        if own and loaded is not None:
+            loaded[0].detach()
     return results
 
 
@@ -468,6 +502,10 @@ def refine_domain(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: Any,
         _rounds(run, config, progress, (stacks, tokenizer))
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def summary_table(manifest: Any) -> str:
     """The RL rounds of a run: domain, round, algorithm, status, held-out metric before -> after, steps, time."""
     lines = [f"{'domain':<10} {'round':>5} {'algo':<5} {'status':<9} {'metric':<10} {'before':>9} {'after':>9} "
@@ -477,8 +515,9 @@ def summary_table(manifest: Any) -> str:
             if r.rl is None:
                 continue
             b, a = r.rl["before"]["score"]["mean"], r.rl["after"]["score"]["mean"]
-            lines.append(f"{d:<10} {r.round:>5} {r.kind:<5} {r.status:<9} {r.rl['metric']:<10} {b:>9.4f} {a:>9.4f} "
-                         f"{r.loss_before:>14.4f} {r.best_val_loss:>7.4f} {r.steps:>5} {r.rl['s_per_step']:>6.1f}")
+            lines.append(f"{d:<10} {r.round:>5} {r.kind:<5} {r.status:<9} {r.rl['metric']:<10} {_num(b):>9} "
+                         f"{_num(a):>9} {_num(r.loss_before):>14} {_num(r.best_val_loss):>7} {r.steps:>5} "
+                         f"{r.rl['s_per_step']:>6.1f}")
     if len(lines) == 1:
         lines.append("(no RL rounds)")
     return "\n".join(lines)

@@ -25,11 +25,12 @@ from brainstacks_hooks.stacks.brainstacks import BrainStacks
 pytestmark = pytest.mark.slow
 
 GRPO = {"algorithm": "grpo", "domain": "code", "rewards": ["brainstacks_hooks.testing:length_reward"],
+        "max_sft_val_loss_increase": None,
         "trainer": {"max_steps": 2, "per_device_train_batch_size": 2, "num_generations": 2,
                     "max_completion_length": 6, "learning_rate": 5e-3, "logging_steps": 1},
         "data": {"train_rows": 4, "eval_source": "sft_val", "eval_rows": 4},
         "eval": {"max_new_tokens": 6, "batch_size": 4, "sft_val_rows": 4}}
-DPO = {"algorithm": "dpo", "domain": "chat",
+DPO = {"algorithm": "dpo", "domain": "chat", "max_sft_val_loss_increase": None,
        "trainer": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 5e-3, "max_length": 128},
        "data": {"train_rows": 4, "eval_rows": 4}, "pairs": {"max_new_tokens": 6, "batch_size": 4},
        "eval": {"batch_size": 4, "sft_val_rows": 4}}
@@ -85,6 +86,12 @@ def test_a_round_that_does_not_improve_is_rejected_and_ends_the_rounds(run_copy)
     assert res.record.status == "rejected" and res.record.file is None and "discarded" in res.record.note
     assert _stack_bytes(run_copy) == files
     assert run_rl(_config(run_copy, GRPO, min_improvement=1e9, rounds=2), progress=False) == []
+
+
+def test_a_round_that_raises_the_sft_validation_loss_too_much_is_rejected(run_copy):
+    (res,) = run_rl(_config(run_copy, GRPO, min_improvement=-1.0, max_sft_val_loss_increase=-1.0), progress=False)
+    assert res.record.status == "rejected" and "SFT validation loss rose" in res.record.note
+    assert res.record.loss_before is not None and res.record.best_val_loss is not None
 
 
 def test_dpo_round_pairs_labelled_reference_is_the_sft_policy(run_copy):
