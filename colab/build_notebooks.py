@@ -82,6 +82,17 @@ sh(f"brainstacks router {RUN_DIR} --config router_quickstart {ROUTER_OVERRIDES}"
 '''
 
 
+def ensure_run_cell(router: bool = False):
+    """The cell that makes the notebook standalone: train the quickstart run (and its router) when missing."""
+    src = ('from brainstacks_hooks.run_dir import RunDir\n\n'
+           'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
+           + "    " + TRAIN_CELL.replace("\n", "\n    ").rstrip())
+    if router:
+        src += ("\nif not (RunDir.open(RUN_DIR).router_dir / 'router.json').is_file():\n    "
+                + ROUTER_CELL.replace("\n", "\n    ").rstrip())
+    return new_code_cell(src)
+
+
 def header(title: str, body: str, extras: str, run_dir: str = "runs/colab_tinyllama", extra: str = "") -> list:
     return [
         new_markdown_cell(f"# {title}\n\n{body}\n\n*Runtime -> Change runtime type -> GPU* (a T4 is enough for the "
@@ -169,9 +180,7 @@ def router() -> list:
         "targets from base-model features, and the report compares it with a linear probe on held-out prompts.",
         "bnb")
     cells += [
-        new_code_cell('from brainstacks_hooks.run_dir import RunDir\n\n'
-                      'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
-                      + "    " + TRAIN_CELL.replace("\n", "\n    ").rstrip()),
+        ensure_run_cell(),
         new_code_cell(ROUTER_CELL),
         new_code_cell('import json\n\nfrom IPython.display import Image, display\n\n'
                       'report = json.load(open(f"{RUN_DIR}/router/report.json"))\n'
@@ -193,9 +202,7 @@ def rl() -> list:
         "GSM8K exact match and a format reward; code rewards run in a namespaced, rlimited sandbox.",
         "bnb")
     cells += [
-        new_code_cell('from brainstacks_hooks.run_dir import RunDir\n\n'
-                      'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
-                      + "    " + TRAIN_CELL.replace("\n", "\n    ").rstrip()),
+        ensure_run_cell(),
         new_markdown_cell("## GRPO on math (held-out: GSM8K test rows)"),
         new_code_cell('if SMOKE:\n'
                       '    GRPO = ("trainer.max_steps=1 trainer.per_device_train_batch_size=2 "\n'
@@ -231,11 +238,7 @@ def superposition() -> list:
         "forward. The cache statistics show hits, misses, evictions and the bytes resident.",
         "bnb")
     cells += [
-        new_code_cell('from brainstacks_hooks.run_dir import RunDir\n\n'
-                      'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
-                      + "    " + TRAIN_CELL.replace("\n", "\n    ").rstrip() + "\n"
-                      + "if not (RunDir.open(RUN_DIR).router_dir / 'router.json').is_file():\n    "
-                      + ROUTER_CELL.replace("\n", "\n    ").rstrip()),
+        ensure_run_cell(router=True),
         new_markdown_cell("A budget of about two domains (each domain's stacks plus the hooks' grouped copy of the "
                           "current route): switching domains loads from disk and evicts the least recently used."),
         new_code_cell('from brainstacks_hooks.inference.routed_model import GenerationSettings, RoutedModel\n\n'
@@ -274,11 +277,7 @@ def evaluation() -> list:
         "bnb,eval", extra=('# the benchmark files: a folder with eval/*.jsonl in the layout of shared/data (e.g. on '
                            'Drive)\nDATA_DIR = os.environ.get("BRAINSTACKS_DATA_DIR", "")'))
     cells += [
-        new_code_cell('from brainstacks_hooks.run_dir import RunDir\n\n'
-                      'if not RunDir.is_run_dir(RUN_DIR):  # no run yet: train the quickstart first\n'
-                      + "    " + TRAIN_CELL.replace("\n", "\n    ").rstrip() + "\n"
-                      + "if not (RunDir.open(RUN_DIR).router_dir / 'router.json').is_file():\n    "
-                      + ROUTER_CELL.replace("\n", "\n    ").rstrip()),
+        ensure_run_cell(router=True),
         new_code_cell('FULL = "bs_arc_easy,bs_arc_challenge,bs_hellaswag,bs_gsm8k"\n'
                       'TASKS = "bs_arc_easy,bs_gsm8k" if SMOKE else FULL\n'
                       'LIMIT = 2 if SMOKE else 200\n'

@@ -261,7 +261,7 @@ def _check_disjoint(train: list[dict], held_out: list[dict], config: RLConfig) -
                           f"({config.data.train_source}), e.g. {sorted(overlap)[0]!r}; use disjoint sources")
 
 
-def _dpo_pairs(run: RunDir, stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
+def _dpo_pairs(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
                scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
     """Preference pairs of ``rows`` (kept as they are when they have chosen/rejected), built once per round."""
     if all("chosen" in r and "rejected" in r for r in rows):
@@ -325,8 +325,8 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     backend = getattr(stacks.model, "_brainstacks_backend", None)
 
     if config.algorithm == "dpo":
-        train_rows = _dpo_pairs(run, stacks, tokenizer, config, train_rows, scratch, "train", progress)
-        eval_rows = _dpo_pairs(run, stacks, tokenizer, config, eval_rows, scratch, "eval", progress)
+        train_rows = _dpo_pairs(stacks, tokenizer, config, train_rows, scratch, "train", progress)
+        eval_rows = _dpo_pairs(stacks, tokenizer, config, eval_rows, scratch, "eval", progress)
         if not train_rows or not eval_rows:
             raise TrainingError(f"{config.domain}: no usable preference pairs (every sample equalled its reference)")
 
