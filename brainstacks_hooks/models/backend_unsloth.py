@@ -15,6 +15,12 @@ hook then fires on every step, at O(T²) cost). Models from this backend carry
 
 For Unsloth's patches to apply fully, ``import unsloth`` should run before transformers/trl/peft are
 imported; import it at the top of your script when using this backend.
+
+CPU backend (plumbing tests only): without a GPU, Unsloth 2026.10 falls back to stock transformers + PEFT +
+TRL (``unsloth_zoo.cpu.FastCPUModel``: its dtype policy, chunked cross-entropy, trainer defaults), none of
+the GPU kernels or fast paths above. This backend refuses it unless asked for explicitly, with
+``allow_cpu=True`` (``load_base_model(..., backend="unsloth", allow_cpu=True)``) or
+``BRAINSTACKS_UNSLOTH_CPU=1``; ``make test-unsloth`` runs the tests that use it, in ``.venv-unsloth``.
 """
 
 from __future__ import annotations
@@ -35,16 +41,31 @@ logger = get_logger(__name__)
 
 #: Value of ``model._brainstacks_backend`` for models loaded through Unsloth.
 UNSLOTH_BACKEND_FLAG = "unsloth"
+#: Set to ``1`` to allow Unsloth's CPU backend on a machine without CUDA (plumbing tests only).
+ENV_UNSLOTH_CPU = "BRAINSTACKS_UNSLOTH_CPU"
 _INSTALL_HINT = "pip install 'brainstacks-hooks[unsloth]'"
 
 
-def check_unsloth_usable() -> None:
-    """Raise :class:`BackendUnavailable` unless Unsloth is installed and a CUDA GPU is visible (no import)."""
+def unsloth_cpu_requested(allow_cpu: bool = False) -> bool:
+    """True when Unsloth's CPU backend was asked for: ``allow_cpu`` or ``BRAINSTACKS_UNSLOTH_CPU=1``."""
+    return bool(allow_cpu) or os.environ.get(ENV_UNSLOTH_CPU, "").strip() == "1"
+
+
+def check_unsloth_usable(allow_cpu: bool = False) -> None:
+    """Raise :class:`BackendUnavailable` unless Unsloth is installed and usable here (no import).
+
+    Usable means a CUDA GPU is visible, or that Unsloth's CPU backend was asked for explicitly, with
+    ``allow_cpu=True`` or ``BRAINSTACKS_UNSLOTH_CPU=1`` (:func:`load_unsloth` then warns that it tests the
+    plumbing only).
+    """
     require_unsloth()
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    if not unsloth_cpu_requested(allow_cpu):
         raise BackendUnavailable(
             f"the unsloth backend needs a CUDA GPU and none is available; use backend='hf' or 'bnb4' on this "
-            f"machine (Unsloth: {_INSTALL_HINT} on a GPU machine)"
+            f"machine (Unsloth: {_INSTALL_HINT} on a GPU machine; allow_cpu=True or {ENV_UNSLOTH_CPU}=1 "
+            "selects Unsloth's CPU backend, for plumbing tests)"
         )
 
 
@@ -56,6 +77,7 @@ def load_unsloth(
     revision: str | None = None,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
+    allow_cpu: bool = False,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM with ``unsloth.FastLanguageModel.from_pretrained`` (no PEFT attached).
@@ -68,15 +90,25 @@ def load_unsloth(
         revision, trust_remote_code: as in transformers.
         load_in_4bit: quantize the base to 4 bits with bitsandbytes (Unsloth's own default is True; here
             it is False).
+        allow_cpu: accept Unsloth's CPU backend when no CUDA GPU is visible (plumbing tests only; also
+            ``BRAINSTACKS_UNSLOTH_CPU=1``).
         **kwargs: forwarded to ``FastLanguageModel.from_pretrained``.
 
     Raises:
-        BackendUnavailable: Unsloth is not installed or no CUDA GPU is available.
+        BackendUnavailable: Unsloth is not installed, or no CUDA GPU is available and the CPU backend was
+            not asked for.
         ConfigError: ``fast_inference=True`` (vLLM bypasses forward hooks).
     """
-    check_unsloth_usable()
+    check_unsloth_usable(allow_cpu)
     if kwargs.get("fast_inference"):
         raise ConfigError("fast_inference=True (vLLM) bypasses forward hooks; Brainstacks cannot use it")
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        logger.warning(
+            "unsloth backend on CPU (%s): Unsloth's CPU fallback is stock transformers, so this tests the "
+            "plumbing only; none of Unsloth's GPU kernels or fast paths (nor their hook bypasses) run here",
+            "allow_cpu=True" if allow_cpu else f"{ENV_UNSLOTH_CPU}=1",
+        )
     kwargs["fast_inference"] = False
     kwargs.setdefault("use_exact_model_name", True)
     os.environ.setdefault("UNSLOTH_DECODE_CUDA_GRAPHS", "0")
@@ -96,9 +128,10 @@ def load_unsloth(
     )
     model._brainstacks_backend = UNSLOTH_BACKEND_FLAG
     logger.info(
-        "Loaded %s (unsloth, 4bit=%s). Generate with use_cache=False while stacks are active: Unsloth's "
+        "Loaded %s (unsloth%s, 4bit=%s). Generate with use_cache=False while stacks are active: Unsloth's "
         "fast decode bypasses forward hooks",
         name_or_path,
+        " CPU backend" if on_cpu else "",
         load_in_4bit,
     )
     return model, tokenizer

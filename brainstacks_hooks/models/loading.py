@@ -1,6 +1,7 @@
 """One entry point to load a base model and tokenizer through a named backend.
 
-Backends: ``"hf"`` (plain transformers), ``"bnb4"`` (bitsandbytes NF4), ``"unsloth"`` (GPU only). The name
+Backends: ``"hf"`` (plain transformers), ``"bnb4"`` (bitsandbytes NF4), ``"unsloth"`` (GPU; its CPU backend
+only with ``allow_cpu=True``, for plumbing tests). The name
 ``"smollm2-135m-instruct"`` (or ``"smollm2"``) selects the embedded model, converted once from its GGUF
 into the cache directory (see :mod:`brainstacks_hooks.models.embedded`).
 """
@@ -59,7 +60,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def _backend_loader(backend: str) -> Callable[..., tuple[Any, Any]]:
+def _backend_loader(backend: str, allow_cpu: bool = False) -> Callable[..., tuple[Any, Any]]:
     """The backend's loader, after a cheap availability check (before any model conversion/download)."""
     if backend == "hf":
         from .backend_hf import load_hf
@@ -73,7 +74,7 @@ def _backend_loader(backend: str) -> Callable[..., tuple[Any, Any]]:
     if backend == "unsloth":
         from .backend_unsloth import check_unsloth_usable, load_unsloth
 
-        check_unsloth_usable()
+        check_unsloth_usable(allow_cpu)
         return load_unsloth
     raise ConfigError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
 
@@ -100,18 +101,23 @@ def load_base_model(
         revision: Hub revision (branch, tag or commit).
         trust_remote_code: allow custom modelling code from the Hub.
         max_seq_length: used by the unsloth backend (RoPE caches); ignored by hf and bnb4.
-        **kwargs: forwarded to the backend loader, then to ``from_pretrained``.
+        **kwargs: forwarded to the backend loader, then to ``from_pretrained``. The unsloth backend also takes
+            ``allow_cpu=True``: accept Unsloth's CPU backend on a machine without CUDA (plumbing tests only;
+            ``BRAINSTACKS_UNSLOTH_CPU=1`` does the same).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token and ``padding_side="right"``; the model carries
         ``model._brainstacks_source = {"name_or_path", "revision", "backend"}`` for fingerprints.
 
     Raises:
-        ConfigError: unknown backend or dtype.
+        ConfigError: unknown backend or dtype, or ``allow_cpu`` with a backend other than unsloth.
         BackendUnavailable: the backend's optional dependency (or GPU) is missing.
     """
     backend = str(backend).strip().lower()
-    loader = _backend_loader(backend)
+    allow_cpu = bool(kwargs.pop("allow_cpu", False))
+    if allow_cpu and backend != "unsloth":
+        raise ConfigError(f"allow_cpu applies to backend='unsloth' only (got backend={backend!r})")
+    loader = _backend_loader(backend, allow_cpu)
     resolved_dtype = resolve_dtype(dtype)
     from .embedded import is_embedded_model_name
 
@@ -122,6 +128,7 @@ def load_base_model(
     path = resolve_model_path(name_or_path)
     if backend == "unsloth":
         kwargs["max_seq_length"] = max_seq_length
+        kwargs["allow_cpu"] = allow_cpu
     if device_map is not None:
         kwargs["device_map"] = device_map
     model, tokenizer = loader(

@@ -114,6 +114,7 @@ def test_resolve_dtype():
 
 
 def test_unsloth_backend_unavailable(monkeypatch):
+    monkeypatch.delenv("BRAINSTACKS_UNSLOTH_CPU", raising=False)
     with pytest.raises(BackendUnavailable, match=r"pip install 'brainstacks-hooks\[unsloth\]'"):
         load_base_model("some/model", backend="unsloth")
     # Installed but no GPU: still a clean BackendUnavailable, raised before importing unsloth.
@@ -122,6 +123,25 @@ def test_unsloth_backend_unavailable(monkeypatch):
     with pytest.raises(BackendUnavailable, match="CUDA"):
         load_base_model("some/model", backend="unsloth")
     assert "unsloth" not in sys.modules
+
+
+@pytest.mark.parametrize("how", ["keyword", "env"])
+def test_unsloth_cpu_backend_only_when_asked(monkeypatch, caplog, how):
+    """``allow_cpu=True`` / ``BRAINSTACKS_UNSLOTH_CPU=1`` get past the CUDA check, with a plumbing-only warning."""
+    monkeypatch.setattr("brainstacks_hooks.utils.import_utils.is_unsloth_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # installed-but-unimportable, whatever this venv holds
+    kwargs = {"allow_cpu": True} if how == "keyword" else {}
+    monkeypatch.delenv("BRAINSTACKS_UNSLOTH_CPU", raising=False)
+    if how == "env":
+        monkeypatch.setenv("BRAINSTACKS_UNSLOTH_CPU", "1")
+    with caplog.at_level(logging.WARNING, logger="brainstacks_hooks"), \
+            pytest.raises(BackendUnavailable, match="unsloth could not be imported") as err:
+        load_base_model("some/model", backend="unsloth", **kwargs)
+    assert "\n" not in str(err.value)
+    assert "plumbing only" in caplog.text
+    with pytest.raises(ConfigError, match="allow_cpu applies to backend='unsloth' only"):
+        load_base_model("some/model", backend="hf", allow_cpu=True)
 
 
 # ---------------------------------------------------------------- locating the GGUF (no model loads)
