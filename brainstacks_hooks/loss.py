@@ -9,7 +9,10 @@ experiments. So they all agree on what "the loss" is:
   positions are never upcast, which matters for 50k-250k vocabularies);
 * the forward runs in eval mode (router noise off, dropout off), under ``no_grad``, and under bf16
   autocast when asked (the precision the SFT evaluator uses, so losses of all phases are comparable);
-* per example it returns the *summed* NLL and the token count; the aggregate is the token-weighted mean.
+* per example it returns the *summed* NLL and the token count; the aggregate is the token-weighted mean;
+* with ``shard=True`` under ``torch.distributed`` every process evaluates every ``world_size``-th batch and the
+  per-example results are gathered back in order, so every process gets the same numbers (those of one
+  process evaluating every batch) and the decisions taken on them agree; every process must then call it.
 
 It runs in whatever mode the stacks are in: wrap calls in ``stacks.prefix(d)``, ``stacks.routed(w)``, ...
 """
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.formatting import IGNORE_INDEX, CompletionCollator
+from .utils import distributed
 
 __all__ = [
     "autocast_context",
@@ -80,17 +84,23 @@ def completion_nll(
     pad_token_id: int,
     batch_size: int = 8,
     bf16: bool = False,
+    *,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed completion NLL and completion-token counts, both ``[N]``.
 
     ``examples`` are encoded (``input_ids``, ``labels``, optional ``attention_mask``); they are right-padded
-    in fixed batches of ``batch_size`` in the given order.
+    in fixed batches of ``batch_size`` in the given order. ``shard``: split the batches over the processes
+    of ``torch.distributed`` (collective; see the module docstring), a no-op in a single process.
     """
     collate = CompletionCollator(pad_token_id=pad_token_id)
     device = next(model.parameters()).device
+    starts = list(range(0, len(examples), batch_size))
+    n_proc = distributed.world_size() if shard else 1
+    mine = starts[distributed.rank()::n_proc] if n_proc > 1 else starts
     sums, counts = [], []
     with eval_mode(model), torch.no_grad(), autocast_context(model, bf16):
-        for start in range(0, len(examples), batch_size):
+        for start in mine:
             batch = collate(examples[start : start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -98,6 +108,10 @@ def completion_nll(
             s, c = token_nll(logits, batch["labels"])
             sums.append(s)
             counts.append(c)
+    if n_proc > 1:  # batch i was evaluated by process i % n_proc, as its (i // n_proc)-th batch
+        parts = distributed.all_gather_object(list(zip(sums, counts)))
+        ordered = [parts[i % n_proc][i // n_proc] for i in range(len(starts))]
+        sums, counts = [s for s, _ in ordered], [c for _, c in ordered]
     if not sums:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     return torch.cat(sums), torch.cat(counts)
@@ -109,11 +123,14 @@ def evaluate_loss(
     pad_token_id: int,
     batch_size: int = 8,
     bf16: bool = False,
+    *,
+    shard: bool = False,
 ) -> float:
-    """Token-weighted mean completion NLL over ``examples`` (in the stacks' current mode)."""
+    """Token-weighted mean completion NLL over ``examples`` (in the stacks' current mode; ``shard``: split
+    over the processes, see :func:`completion_nll`)."""
     if not examples:
         raise ValueError("evaluate_loss needs at least one example")
-    sums, counts = completion_nll(model, examples, pad_token_id, batch_size, bf16)
+    sums, counts = completion_nll(model, examples, pad_token_id, batch_size, bf16, shard=shard)
     return float(sums.sum() / counts.sum().clamp_min(1))
 
 
@@ -123,7 +140,9 @@ def per_example_loss(
     pad_token_id: int,
     batch_size: int = 8,
     bf16: bool = False,
+    *,
+    shard: bool = False,
 ) -> torch.Tensor:
-    """Mean completion NLL of each example, ``[N]`` float32."""
-    sums, counts = completion_nll(model, examples, pad_token_id, batch_size, bf16)
+    """Mean completion NLL of each example, ``[N]`` float32 (``shard``: see :func:`completion_nll`)."""
+    sums, counts = completion_nll(model, examples, pad_token_id, batch_size, bf16, shard=shard)
     return (sums / counts.clamp_min(1)).float()

@@ -27,6 +27,12 @@ derived from it (:meth:`RunDir.sync_index`), both replaced atomically after the 
 at any point leaves either the old or the new record: a stack file the manifest does not list yet is
 retrained and overwritten under the same name on resume, an index older than the manifest is rebuilt.
 
+Several processes (``torchrun``, ``accelerate launch``): only the main process writes. Every write method is a
+no-op on the other processes (those that record a file, :meth:`RunDir.save_round`, :meth:`RunDir.save_null_space`
+and :meth:`RunDir.write_rows`, return ``None`` there); :meth:`RunDir.sync` then hands the main process's manifest
+to the others, so every process reads the same records. The directory must be on a filesystem every process
+sees (one machine, or a shared filesystem), since the others read the files the main process wrote.
+
 Layout versions: 2 (this one). A version-1 run directory (each stack stored twice, under
 ``stacks/<domain>-r<k>.safetensors`` and ``stacks/stacks/NNN-...``) is refused with a message naming
 :meth:`RunDir.convert_legacy` (``brainstacks convert-run RUN_DIR``), which keeps every stack and removes
@@ -62,8 +68,16 @@ from .stacks.serialization import (
     stack_filename,
     write_stack_index,
 )
+from .utils import distributed
 from .utils.dtypes import DTYPES, dtype_name
-from .utils.io import atomic_write_bytes, atomic_write_json, read_json, save_safetensors_atomic, sha256_file
+from .utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_safetensors_checked,
+    read_json,
+    save_safetensors_atomic,
+    sha256_file,
+)
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -249,6 +263,21 @@ class Manifest:
         d["rows"] = {k: asdict(v) for k, v in self.rows.items()}
         return d
 
+    def update_from(self, other: Manifest) -> None:
+        """Take every value of ``other`` in place: a :class:`DomainRecord` held by a caller stays the record of
+        its domain (with ``other``'s values)."""
+        for f in fields(self):
+            if f.name != "domains":
+                setattr(self, f.name, getattr(other, f.name))
+        domains = {}
+        for name, rec in other.domains.items():
+            mine = self.domains.get(name)
+            if mine is not None:
+                vars(mine).update(vars(rec))
+                rec = mine
+            domains[name] = rec
+        self.domains = domains
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> Manifest:
         try:
@@ -270,7 +299,9 @@ def config_key(config: RunConfig) -> dict[str, Any]:
     null_space = to_dict(config.null_space)
     if null_space.get("collection") == "isolated":  # the default: runs recorded before the field existed match
         del null_space["collection"]
-    return {"model": to_dict(config.model), "stack": config.stack.to_dict(), "seed": config.seed,
+    stack = config.stack.to_dict()
+    stack.pop("frozen_compute", None)  # how frozen stacks are computed (same function): free to change on resume
+    return {"model": to_dict(config.model), "stack": stack, "seed": config.seed,
             "domains": [d.name for d in config.domains], "null_space": null_space}
 
 
@@ -365,10 +396,21 @@ class RunDir:
     def create_or_resume(cls, config: RunConfig, fingerprint: ModelFingerprint) -> RunDir:
         """The run directory of ``config.output_dir``: a new one, or the existing run to resume.
 
+        Several processes: the main process creates or resumes it, then the others get its manifest (the same
+        error on every process when it cannot).
+
         Raises:
             RunDirError: the directory holds a run with another model, stack config, seed, domain list or
                 null-space setting, or one of the old layout.
         """
+        run = distributed.on_main_process(cls._create_or_resume, config, fingerprint)
+        if run is None:  # another process than the main one
+            run = cls(config.output_dir)
+        run.sync()
+        return run
+
+    @classmethod
+    def _create_or_resume(cls, config: RunConfig, fingerprint: ModelFingerprint) -> RunDir:
         path = Path(config.output_dir)
         key = config_key(config)
         if cls.is_run_dir(path):
@@ -396,9 +438,26 @@ class RunDir:
         return self._manifest
 
     def save_manifest(self) -> None:
-        """Write ``manifest.json`` atomically."""
+        """Write ``manifest.json`` atomically (the main process; see :meth:`sync` for the others)."""
         self.manifest.updated = _now()
-        atomic_write_json(self.manifest_path, self.manifest.to_dict())
+        if distributed.is_main_process():
+            atomic_write_json(self.manifest_path, self.manifest.to_dict())
+
+    def sync(self) -> None:
+        """Several processes: every process takes the main process's manifest (collective: every process calls
+        it, after the main process wrote). A no-op in a single process.
+
+        Records a caller holds (:meth:`Manifest.domain`) stay valid: they are updated in place.
+        """
+        if not distributed.is_initialized():
+            return
+        data = distributed.broadcast_object(self.manifest.to_dict() if distributed.is_main_process() else None)
+        if not distributed.is_main_process():
+            theirs = Manifest.from_dict(data, str(self.manifest_path))
+            if self._manifest is None:
+                self._manifest = theirs
+            else:
+                self._manifest.update_from(theirs)
 
     def run_config(self) -> RunConfig:
         """The :class:`RunConfig` of the run's latest session."""
@@ -458,7 +517,6 @@ class RunDir:
         projected against.
         """
         from .stacks.serialization import load_stack
-        from .utils.io import load_safetensors_checked
 
         self.verify_stacks()
         m = self.manifest
@@ -469,19 +527,35 @@ class RunDir:
                 stacks.add_frozen(load_stack(self.path / r.file, stacks.shapes, stacks.fingerprint, stacks.config,
                                              expected_sha256=r.sha256))
         for name in bases_of:
-            rec = m.domain(name).null_space
-            if rec is not None:
-                stacks.null_space_bases[name] = load_safetensors_checked(self.path / rec.file, rec.sha256)
+            if m.domain(name).null_space is not None:
+                stacks.null_space_bases[name] = self.read_null_space(name)
         if stacks.null_space_bases:
             stacks.merge_null_space()
 
+    def read_null_space(self, domain: str) -> dict[str, Any]:
+        """The bases ``domain`` claims (``{target: V [d_out, k]}``), checksum verified.
+
+        Raises:
+            RunDirError: the manifest records no null space for ``domain``.
+            StackLoadError: the file is missing or changed.
+        """
+        rec = self.manifest.domain(domain).null_space
+        if rec is None:
+            raise RunDirError(f"{self.path}: no null space recorded for {domain!r}")
+        return load_safetensors_checked(self.path / rec.file, rec.sha256)
+
     # ---- writing stacks
-    def save_round(self, domain: str, record: RoundRecord, stack: Any = None, stacks: Any = None) -> RoundRecord:
+    def save_round(self, domain: str, record: RoundRecord, stack: Any = None,
+                   stacks: Any = None) -> RoundRecord | None:
         """Record one finished round: write its stack file (accepted rounds), then manifest, then index.
 
         ``stack`` is the frozen :class:`~brainstacks_hooks.stacks.stack.Stack` of an accepted round and
         ``stacks`` its :class:`~brainstacks_hooks.stacks.brainstacks.BrainStacks` (for the fingerprint).
+        Several processes: the main process records it; elsewhere nothing happens and ``None`` is returned
+        (:meth:`sync` brings the record).
         """
+        if not distributed.is_main_process():
+            return None
         if record.accepted:
             if stack is None or stacks is None:
                 raise ValueError("an accepted round needs its frozen stack and the BrainStacks it belongs to")
@@ -494,8 +568,13 @@ class RunDir:
         self.sync_index()
         return record
 
-    def save_null_space(self, domain: str, bases: dict[str, Any]) -> NullSpaceRecord:
-        """Write the bases ``domain`` claims (``{target: V [d_out, k]}``) once, then manifest and index."""
+    def save_null_space(self, domain: str, bases: dict[str, Any]) -> NullSpaceRecord | None:
+        """Write the bases ``domain`` claims (``{target: V [d_out, k]}``) once, then manifest and index.
+
+        Several processes: the main process writes; elsewhere nothing happens and ``None`` is returned.
+        """
+        if not distributed.is_main_process():
+            return None
         rel = null_space_filename(domain)
         sha = save_safetensors_atomic(bases, self.stacks_dir / rel)
         rec = NullSpaceRecord(file=f"{STACKS_SUBDIR}/{rel}", sha256=sha,
@@ -506,7 +585,10 @@ class RunDir:
         return rec
 
     def sync_index(self) -> Path | None:
-        """Rewrite ``stacks/brainstacks.json`` from the manifest (accepted rounds and null-space files)."""
+        """Rewrite ``stacks/brainstacks.json`` from the manifest (accepted rounds and null-space files; the main
+        process only)."""
+        if not distributed.is_main_process():
+            return None
         m = self.manifest
         entries, null_space = [], []
         for d in m.domain_order:
@@ -543,8 +625,13 @@ class RunDir:
                                          "after it was written")
 
     # ---- rows
-    def write_rows(self, phase: str, rows: list[dict[str, Any]]) -> RowsRecord:
-        """Record the rows a phase uses (``rows/<phase>.jsonl``: id, domain, instruction, input, output)."""
+    def write_rows(self, phase: str, rows: list[dict[str, Any]]) -> RowsRecord | None:
+        """Record the rows a phase uses (``rows/<phase>.jsonl``: id, domain, instruction, input, output).
+
+        Several processes: the main process writes; elsewhere nothing happens and ``None`` is returned.
+        """
+        if not distributed.is_main_process():
+            return None
         keys = ("id", "domain", "instruction", "input", "output")
         text = "".join(json.dumps({k: r.get(k, "") for k in keys}, ensure_ascii=False) + "\n" for r in rows)
         rel = f"{ROWS_SUBDIR}/{phase}.jsonl"
@@ -584,13 +671,15 @@ class RunDir:
         return out
 
     def write_ids(self, phase: str, ids: dict[str, list[str]]) -> Path:
-        """Record which row ids a later phase used, by role (``rows/<phase>.json``)."""
+        """Record which row ids a later phase used, by role (``rows/<phase>.json``; the main process only)."""
         path = self.rows_dir / f"{phase}.json"
-        atomic_write_json(path, {"phase": phase, "ids": ids, "ids_hash": {k: ids_hash(v) for k, v in ids.items()}})
+        if distributed.is_main_process():
+            atomic_write_json(path, {"phase": phase, "ids": ids, "ids_hash": {k: ids_hash(v) for k, v in ids.items()}})
         return path
 
     def write_data_report(self, report: dict[str, Any]) -> None:
-        atomic_write_json(self.path / DATA_REPORT_FILE, report)
+        if distributed.is_main_process():
+            atomic_write_json(self.path / DATA_REPORT_FILE, report)
 
     # ---- old layout
     @classmethod

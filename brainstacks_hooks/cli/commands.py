@@ -36,6 +36,10 @@ def _train(args: argparse.Namespace) -> int:
     if any(d.rl for d in config.domains):  # RL rounds inside the curriculum (paper order), see DomainConfig.rl
         from ..rl.round import refine_domain as refine
     run = run_sft(config, refine=refine)
+    from ..utils.distributed import is_main_process
+
+    if not is_main_process():  # torchrun / accelerate launch: the main process reports
+        return 0
     print(summary_table(run.manifest))
     print(f"\nstacks: {run.run_dir / 'stacks'}   manifest: {run.run.manifest_path}   "
           f"forgetting: {run.run_dir / 'forgetting.png'}")

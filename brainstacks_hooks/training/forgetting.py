@@ -23,12 +23,14 @@ def forgetting_row(
     batch_size: int = 8,
     bf16: bool = False,
     modes: Sequence[str] = MODES,
+    *,
+    shard: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``{domain: {mode: loss}}`` for every domain with frozen stacks and a validation set.
 
     Modes that resolve to the same stacks and weights for a domain (``prefix`` and ``isolated`` of the first
     domain, ``prefix`` and ``ungated`` of the last one) compute the same function, so they are evaluated once
-    and share the loss.
+    and share the loss. ``shard``: split each evaluation over the processes (``evaluate_loss``).
     """
     row: dict[str, dict[str, float]] = {}
     for domain in stacks.domains:
@@ -40,7 +42,8 @@ def forgetting_row(
             with stacks.using(mode, None if mode == "ungated" else domain):
                 key = stacks.plan.signature
                 if key not in seen:
-                    seen[key] = evaluate_loss(stacks.model, val_sets[domain], pad_token_id, batch_size, bf16)
+                    seen[key] = evaluate_loss(stacks.model, val_sets[domain], pad_token_id, batch_size, bf16,
+                                              shard=shard)
                 row[domain][mode] = seen[key]
     return row
 

@@ -3,7 +3,8 @@
 Each round adds a zero-initialised stack, trains it with TRL under :class:`BestStackCallback`, and
 freezes it only if it lowered the validation loss by at least ``min_loss_delta`` against the previous
 round (the first round against the loss before the domain). A round that does not is discarded and
-ends the domain.
+ends the domain. Under several processes the validation losses are sharded and gathered
+(``evaluate_loss(..., shard=True)``), so every process takes the same decisions.
 
 The first round of a domain is the exception, so that a domain never silently ends with zero stacks: if it
 lowered the loss at all (but by less than ``min_loss_delta``) it is accepted with a warning and a ``note``
@@ -66,7 +67,7 @@ def run_inner_loop(
 
     def evaluate() -> float:
         with stacks.train_mode():
-            return evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size, train.bf16)
+            return evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size, train.bf16, shard=True)
 
     if loss_before is None:
         loss_before = evaluate()
@@ -100,7 +101,7 @@ def run_inner_loop(
             frozen = stacks.freeze_active()
             with stacks.prefix(domain):
                 result.frozen_val_loss = evaluate_loss(stacks.model, val_examples, pad, train.eval_batch_size,
-                                                       train.bf16)
+                                                       train.bf16, shard=True)
             result.status = "accepted"
             loss_before = result.frozen_val_loss
         else:

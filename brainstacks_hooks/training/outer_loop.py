@@ -9,6 +9,15 @@ or corrupt stack file is a clear error. The run directory (layout, manifest, row
 When a domain ends, the null-space directions its stacks claim are computed from its validation rows and
 saved with the stacks, so every later stack (a later domain, an RL round, a domain added after loading the
 run) is projected against every earlier domain, the last one included.
+
+Several processes (``torchrun`` / ``accelerate launch``, one per GPU; the HF Trainer runs DDP): the main process
+alone prepares the data and writes the run directory; the others wait, then read the rows it recorded and take
+its manifest (:meth:`RunDir.sync` after each write), and load the null-space bases it computed. Validation
+losses are sharded over the processes and gathered in order (``evaluate_loss(..., shard=True)``), so every
+decision taken on them (best-weights rollback and early stop, accepting a round, a domain that failed) is the
+same on every process, and so are the stacks they freeze. ``train.batch_size`` is per process. As in any DDP run,
+an epoch that is not a multiple of the global batch ends with a batch that accelerate fills up with rows from the
+epoch's start (``even_batches``), where one process would take a shorter batch.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..loss import evaluate_loss
 from ..models.loading import load_base_model
 from ..run_config import RunConfig
@@ -38,13 +47,15 @@ from ..run_dir import (
     RunDir,
 )
 from ..stacks.brainstacks import BrainStacks
+from ..utils import distributed
 from ..utils.io import atomic_write_json
-from ..utils.logging import get_logger
+from ..utils.logging import get_logger, log_on_main_process_only
 from ..utils.seeding import seed_everything
 from .data import DomainExamples, prepare_run_data, sample_router_rows
 from .forgetting import forgetting_row, forgetting_summary
 from .inner_loop import run_inner_loop
 from .null_space import collect_domain_basis
+from .trainer import use_cpu
 
 logger = get_logger(__name__)
 
@@ -71,8 +82,17 @@ def _prepare_data(config: RunConfig, tokenizer: Any, run: RunDir) -> DomainExamp
     """Rows of a new run are loaded, cleaned and recorded; a resumed run reuses the recorded rows.
 
     The router's rows (disjoint from SFT's) are recorded too; a run recorded before they existed gets them
-    on its next session, without changing anything SFT uses.
+    on its next session, without changing anything SFT uses. Several processes: the main process prepares and
+    records them, then the others encode the rows it recorded.
     """
+    if distributed.world_size() > 1:
+        data = distributed.on_main_process(_prepare_data_here, config, tokenizer, run)
+        run.sync()
+        return data if data is not None else _prepare_data_here(config, tokenizer, run)
+    return _prepare_data_here(config, tokenizer, run)
+
+
+def _prepare_data_here(config: RunConfig, tokenizer: Any, run: RunDir) -> DomainExamples:
     if run.has_rows(SFT_TRAIN) and run.has_rows(SFT_VAL):
         data = prepare_run_data(config, tokenizer, rows=(run.rows_by_domain(SFT_TRAIN), run.rows_by_domain(SFT_VAL)))
     else:
@@ -102,11 +122,20 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine:
     ``refine`` runs after each domain's SFT rounds (the domain is still ``running``; a crash there resumes
     into it again), before the domain's null space is collected, so what it adds is frozen with the domain.
 
+    Under ``torchrun`` / ``accelerate launch`` the processes train together (see the module docstring).
+
     Raises:
         RunDirError: ``output_dir`` holds another run or one of the old layout.
         TrainingError: a domain's first round did not lower its validation loss at all.
         StackLoadError: a stack file the manifest lists is missing or corrupt.
+        ConfigError: RL rounds inside the curriculum (``refine``) under several processes.
     """
+    distributed.init_distributed(cpu=use_cpu(config.train))
+    log_on_main_process_only()
+    if refine is not None and distributed.world_size() > 1:
+        raise ConfigError("RL rounds inside the curriculum (domains[].rl) run in one process only; launch "
+                          "`brainstacks train` without torchrun/accelerate, or drop domains[].rl and run "
+                          "`brainstacks rl` after SFT")
     seed_everything(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model.name_or_path, backend=config.model.backend,
@@ -139,7 +168,7 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine:
             stacks.set_null_space(None)
         if rec.baseline_loss is None:
             with stacks.train_mode():
-                rec.baseline_loss = evaluate_loss(stacks.model, val_ex, pad, tr.eval_batch_size, tr.bf16)
+                rec.baseline_loss = evaluate_loss(stacks.model, val_ex, pad, tr.eval_batch_size, tr.bf16, shard=True)
             run.save_manifest()
         accepted = rec.accepted_rounds()
         start = max(r.round for r in rec.rounds) + 1 if rec.rounds else 0
@@ -147,7 +176,8 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine:
         rejected = any(r.status == "rejected" for r in rec.rounds)
 
         def on_round_end(result: RoundRecord, stack: Any, name: str = dom.name) -> None:
-            run.save_round(name, result, stack, stacks)
+            distributed.on_main_process(run.save_round, name, result, stack, stacks)
+            run.sync()
 
         if not rejected:
             run_inner_loop(
@@ -174,25 +204,36 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine:
             rec.final_prefix_loss = last.frozen_val_loss
         else:  # an RL round's losses are on a sample of the val rows: the domain's final policy on all of them
             with stacks.prefix(dom.name):
-                rec.final_prefix_loss = evaluate_loss(stacks.model, val_ex, pad, tr.eval_batch_size, tr.bf16)
+                rec.final_prefix_loss = evaluate_loss(stacks.model, val_ex, pad, tr.eval_batch_size, tr.bf16,
+                                                      shard=True)
         rec.status = "done"
         run.save_manifest()
         if config.null_space.enabled:
             _ensure_null_space(stacks, config, data, run, [dom], pad)
         _record_forgetting(stacks, config, data, run, dom.name, pad)
+        run.sync()  # every process ends the domain with the main process's records (wall times included)
     return SFTRun(stacks, tokenizer, data, run)
 
 
 def _ensure_null_space(stacks: BrainStacks, config: RunConfig, data: DomainExamples, run: RunDir,
                        domains: list, pad: int) -> None:
-    """Compute (or reuse) the basis of each of ``domains`` and hand the merged bases to the stacks."""
+    """Compute (or reuse) the basis of each of ``domains`` and hand the merged bases to the stacks.
+
+    Several processes: the main process computes and saves it, the others load that file.
+    """
     for dom in domains:
         if dom.name in stacks.null_space_bases or not stacks.stacks_for(dom.name):
             continue
-        bases = collect_domain_basis(stacks, dom.name, data.val[dom.name], pad, config.null_space,
-                                     config.train.eval_batch_size, config.train.bf16, seed=config.seed)
-        run.save_null_space(dom.name, bases)
-        stacks.null_space_bases[dom.name] = bases
+
+        def collect(name: str = dom.name) -> dict[str, torch.Tensor]:
+            bases = collect_domain_basis(stacks, name, data.val[name], pad, config.null_space,
+                                         config.train.eval_batch_size, config.train.bf16, seed=config.seed)
+            run.save_null_space(name, bases)
+            return bases
+
+        bases = distributed.on_main_process(collect)
+        run.sync()
+        stacks.null_space_bases[dom.name] = bases if bases is not None else run.read_null_space(dom.name)
     stacks.merge_null_space()
     run.manifest.null_space_capacity = {k: round(v, 4) for k, v in stacks.null_space_capacity().items()}
     run.save_manifest()
@@ -215,12 +256,14 @@ def _warn_capacity(capacity: dict[str, float]) -> None:
 def _record_forgetting(stacks: BrainStacks, config: RunConfig, data: DomainExamples, run: RunDir,
                        after: str, pad: int) -> None:
     tr, m = config.train, run.manifest
-    row = forgetting_row(stacks, data.val, pad, tr.eval_batch_size, tr.bf16)
+    row = forgetting_row(stacks, data.val, pad, tr.eval_batch_size, tr.bf16, shard=True)
     m.set_forgetting(after, {"losses": row})
     recorded = {d: m.domain(d).final_prefix_loss for d in stacks.domains}
     recorded = {d: v for d, v in recorded.items() if v is not None}
     m.forgetting_summary = forgetting_summary(m.forgetting, recorded)
     run.save_manifest()
+    if not distributed.is_main_process():
+        return
     atomic_write_json(run.path / FORGETTING_FILE, {"rows": m.forgetting, "recorded": recorded,
                                                    "summary": m.forgetting_summary})
     if not any(r["losses"] for r in m.forgetting):

@@ -88,10 +88,14 @@ class StackSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
+def use_cpu(args: TrainArgs) -> bool:
+    """Train on the CPU: ``train.use_cpu`` when set, else when there is no GPU."""
+    return args.use_cpu if args.use_cpu is not None else not torch.cuda.is_available()
+
+
 def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float | None = None,
                max_steps: int | None = None) -> SFTConfig:
     """The TRL config of one inner-loop round (evaluation is the callback's job, checkpoints are stacks)."""
-    use_cpu = args.use_cpu if args.use_cpu is not None else not torch.cuda.is_available()
     return SFTConfig(
         output_dir=output_dir,
         max_steps=max_steps or args.max_steps,
@@ -109,7 +113,7 @@ def sft_config(args: TrainArgs, output_dir: str, seed: int, learning_rate: float
         report_to="none",
         bf16=args.bf16,
         fp16=args.fp16,  # accelerate's GradScaler; the aux gradient follows its scale (aux_gradient_scale)
-        use_cpu=use_cpu,
+        use_cpu=use_cpu(args),
         gradient_checkpointing=args.gradient_checkpointing,
         max_length=args.max_length,
         seed=seed,

@@ -1,0 +1,141 @@
+"""Several processes (``torchrun``, ``accelerate launch``): who writes, who waits, how decisions stay identical.
+
+Every function is a no-op (or the single-process answer) when ``torch.distributed`` is not initialised, so
+library code calls them unconditionally. The collective ones (:func:`barrier`, :func:`broadcast_object`,
+:func:`all_gather_object`, :func:`on_main_process`) must be called by every process, in the same order.
+
+The SFT recipe uses them so that the main process alone writes the run directory, the others wait and then
+read the same state, and every decision that depends on a measured number is taken on numbers that are the
+same on every process (see :mod:`brainstacks_hooks.training.outer_loop`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from .logging import get_logger
+
+logger = get_logger(__name__)
+
+T = TypeVar("T")
+
+#: How long a process waits at a collective (e.g. for the main process to prepare the data) before it fails.
+TIMEOUT = timedelta(hours=2)
+
+
+def is_initialized() -> bool:
+    """``torch.distributed`` is available and its default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """This process is rank 0 (always true when not distributed): the one that writes files and logs."""
+    return rank() == 0
+
+
+def launched_distributed() -> bool:
+    """This process was started by a launcher (``torchrun``, ``accelerate launch``) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def init_distributed(cpu: bool = False) -> bool:
+    """Initialise the process group when :func:`launched_distributed` and it is not initialised yet.
+
+    Goes through accelerate's ``PartialState``, as the HF ``Trainer`` does (``gloo`` with ``cpu`` or without a
+    GPU, else ``nccl`` with this process's GPU as the current device), so the Trainer later joins the same group.
+    Call it before loading the model, so a quantized model is placed on this process's GPU. Returns whether
+    the process group is initialised.
+    """
+    if is_initialized() or not launched_distributed():
+        return is_initialized()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu, timeout=TIMEOUT)
+    logger.info("process %d of %d (%s, %s)", state.process_index, state.num_processes, state.backend, state.device)
+    return is_initialized()
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` of process ``src`` on every process (any picklable object)."""
+    if not is_initialized():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """``[obj of process 0, obj of process 1, ...]`` on every process."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a ``RuntimeError`` with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Call ``fn`` on the main process only while the others wait; returns its result there, ``None`` elsewhere.
+
+    An exception of ``fn`` is raised on every process (the others get it from the main one), so no process
+    waits forever for a main process that failed.
+    """
+    if not is_initialized():
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            error = e
+    shared = broadcast_object(_portable(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
+
+
+__all__ = [
+    "TIMEOUT",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object",
+    "init_distributed",
+    "is_initialized",
+    "is_main_process",
+    "launched_distributed",
+    "on_main_process",
+    "rank",
+    "world_size",
+]
