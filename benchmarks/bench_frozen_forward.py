@@ -8,6 +8,8 @@ base model and its ratio taken against them (see ``_common.py``):
 * ``hooks, 0 stacks``: BrainStacks attached, no stack (the hook returns at once);
 * ``N grouped`` / ``N per-stack``: N frozen stacks (4 experts x r16, random non-zero B), with
   ``StackConfig.group_frozen`` True (one grouped matmul pair per projection) or False (one module per stack);
+* ``N sparse``: grouped with ``StackConfig.frozen_compute="sparse"`` (the B side over the top-k experts only,
+  ``torch._grouped_mm`` + scatter-add; its own copy of the stacks so the dense pools are not rebuilt);
 * ``N grouped, bf16 stacks``: as above with ``frozen_dtype="bfloat16"`` (stacks stored and computed in bf16,
   the paper's half-precision frozen stacks), for the largest N and 5.
 
@@ -77,6 +79,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per variant before the repetitions")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 (float32) and bf16 (bf16 autocast)")
     p.add_argument("--no-bf16-stacks", action="store_true", help="skip the frozen_dtype=bfloat16 variants")
+    p.add_argument("--no-sparse", action="store_true", help="skip the frozen_compute=sparse variants")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="CI-sized: batch 1 x 32 tokens, counts 2,5, 1 step, 2 repeats")
     args = p.parse_args()
@@ -104,6 +107,10 @@ def main() -> None:
         model, stacks = with_frozen_stacks(base, n, "auto")
         models[f"{n} grouped"] = (model, stacks, True)
         models[f"{n} per-stack"] = (model, stacks, False)
+        if not args.no_sparse:
+            model, stacks = with_frozen_stacks(base, n, "auto")
+            stacks.config.frozen_compute = "sparse"
+            models[f"{n} sparse"] = (model, stacks, True)
     if not args.no_bf16_stacks:
         for n in sorted({c for c in counts if c in (TARGET_N, max(counts))}):
             models[f"{n} grouped, bf16 stacks"] = (*with_frozen_stacks(base, n, "bfloat16"), True)

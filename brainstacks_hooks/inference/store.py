@@ -29,10 +29,12 @@ Tiers and budgets (all byte counts are parameter bytes, :meth:`Stack.nbytes`):
 The budget is bounded by default (``budget_bytes="auto"``, see :func:`default_budget_bytes`: half the free
 memory of a CUDA device when the store is created, a quarter of the available RAM on the CPU) and covers
 everything the store makes the hooks hold on the device: with ``StackConfig.group_frozen`` the hooks compute
-a route from one concatenated copy of its stacks per projection (the ``BrainStacks`` group cache); the store
-limits that cache to the current route and counts the copy against the budget, so a route of ``n`` stack
-bytes needs about ``2 n`` (``n`` with ``group_frozen=False``). With ``StackConfig.offload_frozen`` the stacks
-and their grouped copies stay in host RAM and nothing is held on the accelerator. ``budget_bytes=None`` is
+a route from resident slots holding a copy of each stack in the grouped layout (``BrainStacks`` pools, see
+:mod:`~brainstacks_hooks.stacks.frozen_pool`); a cached stack keeps its slot while it stays on the device tier,
+so a switch between cached routes copies nothing. The store sets the pools' capacity to the number of stacks
+the budget can hold with their slots and reserves those slots' bytes, so a stack costs about twice its bytes
+(once with ``group_frozen=False``). With ``StackConfig.offload_frozen`` the stacks
+and their pools stay in host RAM and nothing is held on the accelerator. ``budget_bytes=None`` is
 unlimited (nothing is evicted).
 """
 
@@ -180,8 +182,6 @@ class StackStore:
         self.budget_bytes: int | None = default_budget_bytes(self.device) if budget_bytes == "auto" else budget_bytes
         # the hooks' grouped copy of a route lives on the compute device unless frozen stacks are offloaded
         self._grouped = stacks.config.group_frozen and not stacks.config.offload_frozen
-        if self._grouped and self.budget_bytes is not None:
-            stacks.group_cache_size = 1  # only the current route's copy, counted in the budget
         self._cuda = self.device.type == "cuda"
         if self.host_budget_bytes != 0 and self.device.type == "cpu":
             logger.info("host tier on a CPU device: stacks evicted from the device tier stay in the same RAM "
@@ -202,7 +202,14 @@ class StackStore:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._pending: dict[str, tuple[Future[_Read], int]] = {}  # name -> (read, device bytes reserved)
         self._pending_bytes = 0
-        self._group_reserved = 0
+        self._pool_reserved = 0  # bytes of the hooks' pool slots, counted in the budget
+        self.pool_slots: int | None = None  # stacks the pools hold at most (None: unbounded)
+        if self._grouped and self.budget_bytes is not None and self.entries:
+            cost = max(e.nbytes + self._layout(e.dtype).group_nbytes for e in self.entries.values())
+            self.pool_slots = min(len(self.entries), self.budget_bytes // cost)
+            self._pool_reserved = self.pool_slots * max(self._layout(e.dtype).group_nbytes
+                                                        for e in self.entries.values())
+            stacks.pool_capacity = self.pool_slots
         self._hash_pool: ThreadPoolExecutor | None = None
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._side_stream: Any = None
@@ -327,21 +334,19 @@ class StackStore:
                 base function: never a partial route), the cache keeps what it had, and other routes work.
         """
         positive, needed = self._route(weights)
-        group_bytes = self._group_bytes(needed)
-        need_bytes = sum(e.nbytes for e in needed) + group_bytes
-        if self.budget_bytes is not None and need_bytes > self.budget_bytes:
+        need_bytes = sum(e.nbytes for e in needed) + self._pool_reserved
+        if self.budget_bytes is not None and (need_bytes > self.budget_bytes or (
+                self.pool_slots is not None and len(needed) > self.pool_slots)):
             raise StackBudgetError(
-                f"route {sorted(positive)} needs {need_bytes} bytes ({len(needed)} stacks"
-                + (f" and their grouped copy of {group_bytes} bytes" if group_bytes else "")
-                + f"), more than the device budget of {self.budget_bytes} bytes; raise budget_bytes or route "
+                f"route {sorted(positive)} needs {len(needed)} stacks of {sum(e.nbytes for e in needed)} bytes"
+                + (f" and their grouped copy of {self._group_bytes(needed)} bytes" if self._grouped else "")
+                + f", more than the device budget of {self.budget_bytes} bytes; raise budget_bytes or route "
                 "fewer domains")
-        self._group_reserved = group_bytes
         self._collect_prefetches(wait=True)
         keep = {e.name for e in needed}
         hits, host_hits, loaded, evicted = [], [], [], []
         bytes_before, ms_before = self._stats.bytes_read, self._stats.load_ms
         try:
-            evicted += self._make_room(0, keep)  # a larger grouped copy may need room even when all stacks hit
             for e in needed:
                 if e.name in self._device_tier:
                     self._device_tier.move_to_end(e.name)
@@ -389,6 +394,8 @@ class StackStore:
         """Detach everything and drop both tiers (files are re-verified only if they changed)."""
         self._collect_prefetches(wait=True)
         self._detach_all()
+        for cached in self._device_tier.values():
+            self.stacks.release_frozen(cached.stack)
         self._device_tier.clear()
         self._host_tier.clear()
 
@@ -412,30 +419,30 @@ class StackStore:
     def _detach_all(self) -> None:
         for name in self._attached:
             cached = self._device_tier.get(name)
-            if cached is not None:
-                self.stacks.remove_frozen(cached.stack)
+            if cached is not None:  # keeps its pool slot: attaching it again copies nothing
+                self.stacks.remove_frozen(cached.stack, release=False)
         self._attached = []
 
     def _detach_one(self, name: str) -> None:
         if name in self._attached:
-            self.stacks.remove_frozen(self._device_tier[name].stack)
+            self.stacks.remove_frozen(self._device_tier[name].stack, release=False)
             self._attached.remove(name)
 
     # ------------------------------------------------------------------ tiers
     def route_nbytes(self, weights: Mapping[str, float]) -> int:
-        """Bytes a route needs on the device: its stacks plus the hooks' grouped copy of them."""
+        """Bytes a route needs on the device: its stacks plus their pool slots (the smallest budget that fits it)."""
         _, needed = self._route(weights)
         return sum(e.nbytes for e in needed) + self._group_bytes(needed)
 
     def _group_bytes(self, entries: list[StackEntry]) -> int:
-        """Bytes of the hooks' grouped copy of a route (0 when stacks are not grouped on the device)."""
+        """Bytes of the pool slots of ``entries`` (0 when stacks are not grouped on the device)."""
         if not self._grouped or not entries:
             return 0
         return sum(self._layout(e.dtype).group_nbytes for e in entries)
 
     def device_bytes(self) -> int:
-        """Bytes counted against the budget now: resident stacks, in-flight prefetches and the grouped copy."""
-        return self._tier_bytes(self._device_tier) + self._pending_bytes + self._group_reserved
+        """Bytes counted against the budget now: resident stacks, in-flight prefetches and the reserved pool slots."""
+        return self._tier_bytes(self._device_tier) + self._pending_bytes + self._pool_reserved
 
     def _make_room(self, nbytes: int, keep: set[str]) -> list[str]:
         """Evict least recently used device stacks (never those in ``keep``) until ``nbytes`` fit."""
@@ -458,6 +465,7 @@ class StackStore:
     def _evict(self, name: str) -> None:
         self._detach_one(name)
         cached = self._device_tier.pop(name)
+        self.stacks.release_frozen(cached.stack)
         self._stats.evictions += 1
         if self.host_budget_bytes != 0:
             if self.host_budget_bytes is not None and cached.entry.nbytes > self.host_budget_bytes:

@@ -20,11 +20,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -35,8 +35,8 @@ from ..models.targets import find_target_modules, projection_features
 from ..utils.io import save_safetensors_atomic
 from ..utils.logging import get_logger
 from .config import StackConfig
+from .frozen_pool import FrozenPool, Run, SlotTable
 from .modes import Mode, row_weight_matrix, select_frozen
-from .moe_lora import FrozenGroup
 from .null_space import fold_into_b, merge_bases
 from .serialization import (
     NullSpaceEntry,
@@ -67,6 +67,38 @@ class _StackContainer(nn.Module):
         self.active: Stack | None = None
 
 
+_PLAN_SERIALS = itertools.count()
+
+
+class _PoolGroup:
+    """The plan's stacks of one storage dtype: their plan positions, slots and contiguous runs."""
+
+    def __init__(self, dtype: torch.dtype, positions: list[int], slots: list[int], runs: list[Run],
+                 length: int) -> None:
+        self.dtype, self.positions, self.slots, self.runs, self.length = dtype, positions, slots, runs, length
+        self.whole = False  # True when the group is the whole plan (no weight selection needed)
+        self._index: dict[torch.device, tuple[torch.Tensor | None, list[torch.Tensor | None]]] = {}
+
+    def index(self, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """The group's plan positions and each run's positions as index tensors on ``device``."""
+        got = self._index.get(device)
+        if got is None:
+            sel = None if self.whole else torch.tensor(self.positions, device=device)
+            runs = [None if pos is None else torch.tensor(pos, device=device) for _, _, pos, _ in self.runs]
+            got = self._index[device] = (sel, runs)
+        return got
+
+
+class _Bound(NamedTuple):
+    """One dtype group of a plan, bound to a projection's pool (see ``BrainStacks._bind``)."""
+
+    pool: FrozenPool
+    runs: list[Run]
+    shared: list[torch.Tensor] | None  # per-run scaled weights of a shared route (None: mixed-route rows)
+    sel: torch.Tensor | None
+    run_index: list[torch.Tensor | None]
+
+
 class _Plan:
     """What the hooks compute in the current mode (rebuilt when the mode or the stacks change)."""
 
@@ -75,6 +107,9 @@ class _Plan:
         self.frozen, self.weights, self.use_active = frozen, weights, use_active
         self.row_weights = row_weights  # [B][N] for a mixed-route batch, else None
         self.uids = tuple(s.uid for s in frozen)
+        self.serial = next(_PLAN_SERIALS)
+        self.pool_groups: list[_PoolGroup] | None = None  # filled on the first grouped forward
+        self.bound: dict[str, list[_Bound]] = {}  # per projection, filled on its first grouped forward
         self._weight_tensors: dict[torch.device, torch.Tensor] = {}
         self._token_weights: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -137,15 +172,17 @@ class BrainStacks:
         self._null_space: dict[str, torch.Tensor] = {}
         self._mode = Mode("train")
         self._plan: _Plan | None = None
-        self._groups: dict[str, OrderedDict[tuple[int, ...], FrozenGroup]] = {k: OrderedDict() for k in self.keys}
+        self._pools: dict[tuple[str, torch.dtype], FrozenPool] = {}
+        self._tables: dict[torch.dtype, SlotTable] = {}
         self._calls = [0] * len(self.keys)
         self._collectors: list[DeltaCollector] = []
         self._track = False
         self.aux_grad_scale = 1.0
         self.check_bypass = True
-        #: grouped frozen-stack weights kept per projection (raise it when cycling through many routes;
-        #: a :class:`~brainstacks_hooks.inference.store.StackStore` with a budget sets it to 1 and counts it)
-        self.group_cache_size = 2
+        #: most frozen stacks the grouped pools hold per projection (``None``: every stack a forward used
+        #: while it stays attached; a :class:`~brainstacks_hooks.inference.store.StackStore` with a budget sets
+        #: it from the budget and counts the pools in it). See :mod:`.frozen_pool`.
+        self.pool_capacity: int | None = None
         self._handles: list[Any] = []
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
 
@@ -268,24 +305,35 @@ class BrainStacks:
         self._append_frozen(stack)
 
     def group_cache_bytes(self) -> int:
-        """Bytes held by the grouped copies of frozen stacks (all projections, all cached stack sets)."""
-        return sum(g.nbytes() for cache in self._groups.values() for g in cache.values())
+        """Bytes held by the grouped pools of frozen stacks (all projections, see :mod:`.frozen_pool`)."""
+        return sum(p.nbytes() for p in self._pools.values())
 
     def clear_group_cache(self) -> None:
-        """Drop every grouped copy (they are rebuilt on the next forward that needs them)."""
-        for cache in self._groups.values():
-            cache.clear()
+        """Drop every grouped pool (stacks are copied in again on the next forward that needs them)."""
+        self._pools.clear()
+        self._tables.clear()
+        self._invalidate()
 
-    def remove_frozen(self, stack: Stack) -> None:
-        """Detach one frozen stack (its domain stays in the training order)."""
+    def remove_frozen(self, stack: Stack, release: bool = True) -> None:
+        """Detach one frozen stack (its domain stays in the training order).
+
+        With ``release=False`` its slot in the grouped pools is kept, so attaching it again computes without
+        a copy (the stack store detaches cached stacks this way on a route switch; see :meth:`release_frozen`).
+        """
         idx = [i for i, s in enumerate(self.container.frozen) if s is stack]
         if not idx:
             raise StackStateError("stack is not attached")
         del self.container.frozen[idx[0]]
-        for cache in self._groups.values():  # drop grouped copies that still reference the stack
-            for uids in [u for u in cache if stack.uid in u]:
-                del cache[uids]
+        if release:
+            self.release_frozen(stack)
         self._invalidate()
+
+    def release_frozen(self, stack: Stack) -> None:
+        """Free the pool slots of ``stack`` (a detached stack that will not come back; no-op without slots)."""
+        for table in self._tables.values():
+            table.release(stack.uid)
+        for pool in self._pools.values():
+            pool.forget(stack.uid)
 
     def _append_frozen(self, stack: Stack) -> None:
         self.container.frozen.append(stack)
@@ -487,25 +535,75 @@ class BrainStacks:
                 "or disable the fast path."
             )
 
-    def _group(self, key: str, plan: _Plan, device: torch.device) -> FrozenGroup:
-        cache = self._groups[key]
-        group = cache.get(plan.uids)
-        if group is None or group.w_in.device != device:
-            group = FrozenGroup([s.module_for(key) for s in plan.frozen], device=device)
-            cache[plan.uids] = group
-            while len(cache) > self.group_cache_size:  # default: the training set and one evaluation set
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(plan.uids)
-        return group
+    def _pool_groups(self, plan: _Plan) -> list[_PoolGroup]:
+        """The plan's stacks by storage dtype, with their slots (assigned once per plan)."""
+        if plan.pool_groups is None:
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, s in enumerate(plan.frozen):
+                by_dtype.setdefault(s.dtype, []).append(i)
+            groups = []
+            for dtype, positions in by_dtype.items():
+                table = self._tables.get(dtype)
+                if table is None or table.capacity != self.pool_capacity:
+                    table = self._tables[dtype] = SlotTable(self.pool_capacity)
+                    for key in [k for k in self._pools if k[1] == dtype]:
+                        del self._pools[key]
+                slots = table.assign([plan.frozen[i].uid for i in positions])
+                length = table.capacity if table.capacity is not None else table.size
+                groups.append(_PoolGroup(dtype, positions, slots, table.runs(slots), length))
+            if len(groups) == 1:
+                groups[0].whole = True
+            plan.pool_groups = groups
+        return plan.pool_groups
+
+    def _pool(self, key: str, group: _PoolGroup, plan: _Plan, device: torch.device) -> FrozenPool:
+        pool = self._pools.get((key, group.dtype))
+        if pool is None or pool.device != device or pool.sparse != self.config.sparse_frozen(device):
+            pool = self._pools[(key, group.dtype)] = FrozenPool(plan.frozen[group.positions[0]].module_for(key),
+                                                                group.dtype, device,
+                                                                self.config.sparse_frozen(device))
+        if pool.synced != plan.serial:
+            stacks = [plan.frozen[i] for i in group.positions]
+            pool.sync([s.module_for(key) for s in stacks], [s.uid for s in stacks], group.slots, group.length)
+            pool.synced = plan.serial
+        return pool
+
+    def _bind(self, key: str, plan: _Plan, x_device: torch.device) -> list[_Bound]:
+        """What ``key``'s hook computes under ``plan``: per dtype group its synced pool, runs and weights."""
+        bound = []
+        for group in self._pool_groups(plan):
+            # offloaded: the pool stays with the stacks (host RAM)
+            dev = plan.frozen[group.positions[0]].module_for(key).A.device if self.config.offload_frozen \
+                else x_device
+            pool = self._pool(key, group, plan, dev)
+            sel, run_index = group.index(dev)
+            shared = None
+            if plan.row_weights is None:  # a shared route: its weights are fixed for the plan
+                w = plan.weight_tensor(dev)
+                shared = pool.run_weights(w if sel is None else w.index_select(-1, sel), group.runs, run_index)
+            bound.append(_Bound(pool, group.runs, shared, sel, run_index))
+        plan.bound[key] = bound
+        return bound
 
     def _frozen_delta(self, key: str, x: torch.Tensor, plan: _Plan, batch: int) -> torch.Tensor:
         """Weighted frozen delta ``[T, d_out]`` of ``x`` ``[T, d_in]`` (``batch`` rows of T / batch tokens)."""
         if self.config.group_frozen:
-            dev = plan.frozen[0].module_for(key).A.device if self.config.offload_frozen else x.device
-            group = self._group(key, plan, dev)  # offloaded: the grouped copy stays with the stacks (host RAM)
-            w = plan.token_weights(dev, batch, x.shape[0])  # [N] or [T, N]
-            return group(x.to(dev), w, self._track).to(x.device)
+            bound = plan.bound.get(key)
+            if bound is None:
+                bound = self._bind(key, plan, x.device)
+            delta = None
+            for b in bound:
+                dev = b.pool.device
+                weights = b.shared
+                if weights is None:  # mixed-route batch: weights per token row
+                    w = plan.token_weights(dev, batch, x.shape[0])  # [T, N]
+                    weights = b.pool.run_weights(w if b.sel is None else w.index_select(-1, b.sel), b.runs,
+                                                 b.run_index)
+                d = b.pool(x if x.device == dev else x.to(dev), b.runs, weights, self._track)
+                d = d if d.device == x.device else d.to(x.device)
+                delta = d if delta is None else delta + d
+            assert delta is not None
+            return delta
         w = plan.token_weights(x.device, batch, x.shape[0])
         delta = None
         for i, stack in enumerate(plan.frozen):

@@ -12,6 +12,9 @@ from ..constants import DEFAULT_TARGET_MODULES
 from ..errors import ConfigError
 from ..utils.dtypes import DTYPES
 
+#: Values of :attr:`StackConfig.frozen_compute`.
+FROZEN_COMPUTE = ("auto", "dense", "sparse")
+
 
 @dataclass
 class StackConfig:
@@ -43,6 +46,12 @@ class StackConfig:
     group_frozen: bool = field(
         default=True, metadata={"help": "Compute all frozen stacks of a projection in one grouped matmul."}
     )
+    frozen_compute: str = field(
+        default="auto",
+        metadata={"help": "Grouped frozen experts: dense (every expert, zero gates), sparse (the top-k experts "
+                          "only, grouped matmul), auto (the faster one measured on the device: dense; see "
+                          "docs/BENCHMARKS.md)."},
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -56,6 +65,8 @@ class StackConfig:
             raise ConfigError(f"aux_loss_coef must be >= 0 (got {self.aux_loss_coef})")
         if self.frozen_dtype != "auto" and self.frozen_dtype not in DTYPES:
             raise ConfigError(f"frozen_dtype must be 'auto' or one of {sorted(DTYPES)} (got {self.frozen_dtype!r})")
+        if self.frozen_compute not in FROZEN_COMPUTE:
+            raise ConfigError(f"frozen_compute must be one of {list(FROZEN_COMPUTE)} (got {self.frozen_compute!r})")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one projection")
 
@@ -63,6 +74,15 @@ class StackConfig:
     def scale(self) -> float:
         """Expert output scale: alpha/sqrt(r) with rsLoRA, alpha/r without."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def sparse_frozen(self, device: torch.device) -> bool:
+        """Whether the grouped frozen compute on ``device`` runs the top-k experts only.
+
+        ``auto`` is dense on every device: on CPU the sparse path measured 1.1-3x slower than the dense one at 1,
+        45 and 1024 tokens (``benchmarks/bench_frozen_forward.py``); on CUDA it has not been measured yet
+        (``scripts/gpu_check.py`` times both), so the dense path stays until it is.
+        """
+        return self.frozen_compute == "sparse"
 
     def frozen_torch_dtype(self, active_dtype: torch.dtype) -> torch.dtype:
         """The dtype frozen stacks are stored in."""

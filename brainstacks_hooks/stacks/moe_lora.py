@@ -1,4 +1,4 @@
-"""MoE-LoRA for one projection (paper section 3.1) and the grouped compute of frozen stacks.
+"""MoE-LoRA for one projection (paper section 3.1); the grouped compute of frozen stacks is in :mod:`.frozen_pool`.
 
 Shapes: T tokens, ``d_in``/``d_out`` the projection's features, E experts of rank r, K active experts.
 
@@ -197,42 +197,3 @@ class MoELoRA(nn.Module):
     def _count(self, top_idx: torch.Tensor) -> None:
         counts = torch.bincount(top_idx.reshape(-1), minlength=self.num_experts).cpu()
         self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
-
-
-class FrozenGroup:
-    """All frozen stacks used by one projection, concatenated for one grouped compute.
-
-    Holds W_in [N*E*r + N*E, d_in] (every stack's A rows, then every stack's router rows) and
-    W_out [N*E*r, d_out]. Built once per set of stacks and reused until that set changes.
-    """
-
-    def __init__(self, modules: list[MoELoRA], device: torch.device | None = None) -> None:
-        m0 = modules[0]
-        self.n, self.E, self.r, self.k, self.scale = len(modules), m0.num_experts, m0.rank, m0.top_k, m0.scale
-        dev = device or m0.A.device
-        self.w_in = torch.cat(
-            [m.A.detach().reshape(-1, m.in_features) for m in modules] + [m.router.detach() for m in modules]
-        ).to(dev)
-        self.w_out = torch.cat([m.out_weight().detach() for m in modules]).to(dev)
-        self.modules = modules
-
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, track: bool = False) -> torch.Tensor:
-        """Weighted sum of the N frozen deltas: ``x`` [T, d_in], ``weights`` [N] (or per token [T, N]) -> [T, d_out]."""
-        N, E, r = self.n, self.E, self.r
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.w_in.dtype)
-        h = x @ self.w_in.t()  # [T, N*E*r + N*E]
-        mid = h[:, : N * E * r].view(-1, N, E, r)  # [T, N, E, r]
-        logits = h[:, N * E * r :].view(-1, N, E)  # [T, N, E]
-        gates, top_idx = top_k_gates(logits, self.k)  # [T, N, E]
-        w = (weights.to(gates.dtype) * self.scale).view(-1, N, 1)  # [1 or T, N, 1]: shared or per-token route
-        gates = gates * w
-        mid = (mid * gates.unsqueeze(-1).to(mid.dtype)).reshape(-1, N * E * r)  # [T, N*E*r]
-        if track:
-            for i, m in enumerate(self.modules):
-                m._count(top_idx[:, i])
-        return mid @ self.w_out.to(mid.dtype)  # [T, d_out]
-
-    def nbytes(self) -> int:
-        """Bytes held by the concatenated weights."""
-        return self.w_in.numel() * self.w_in.element_size() + self.w_out.numel() * self.w_out.element_size()

@@ -98,7 +98,7 @@ def test_budget_never_exceeded(many):
     one, group = _one_stack_bytes(many), _group_bytes(many)
     budget = 3 * (one + group) + one // 2
     model, stacks, store = _store(many, budget_bytes=budget)
-    assert stacks.group_cache_size == 1  # the store keeps only the current route's grouped copy
+    assert stacks.pool_capacity == store.pool_slots == 3  # pool slots for as many stacks as the budget holds
     rng = random.Random(0)
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     for _ in range(60):
@@ -358,6 +358,6 @@ def test_offload_frozen_keeps_stacks_and_grouped_copies_in_host_ram(saved, tiny_
     model, stacks, store = _offload_store(saved, "cuda")
     store.activate({"chat": 1.0})
     logits(model, {k: v.cuda() for k, v in tiny_batch.items()})
-    groups = [g for cache in stacks._groups.values() for g in cache.values()]
+    groups = list(stacks._pools.values())
     assert groups and all(g.w_in.device.type == "cpu" for g in groups)
     assert all(p.device.type == "cpu" for s in stacks.frozen_stacks for p in s.parameters())
