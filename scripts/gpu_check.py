@@ -11,7 +11,8 @@ each backend that loads here (``hf``; ``bnb4`` with CUDA + bitsandbytes; ``unslo
   frozen stack's tensors bit-identical after training (zero forgetting), the load-balance gradient reaching the
   router (non-zero, and the same order of magnitude in fp16 as in bf16), the bypass guard raising on a forward that
   skips the hooks;
-* timings: a MoE-LoRA step vs a single-LoRA step at matched parameters, the forward with 0 / 1 / 5 frozen stacks;
+* timings: a MoE-LoRA step vs a single-LoRA step at matched parameters, the forward with 0 / 1 / 5 frozen stacks,
+  with 5 stacks in sparse experts (``frozen_compute="sparse"``) and the first forward after a route switch;
 * the stack store's CUDA prefetch (pinned host buffers, side stream): load throughput vs a raw ``safetensors``
   read of the same files.
 
@@ -178,6 +179,30 @@ def check_backend(backend: str, model_name: str, steps: int, dtype: str) -> dict
             add_random_stack(s, f"d{len(s.frozen_stacks)}", len(s.frozen_stacks) + 2)
         with torch.no_grad(), s.ungated():
             timings[f"forward_{n}_frozen_ms"] = round(_timed(lambda: model(**fwd)), 2)
+    # sparse experts (top-k only, torch._grouped_mm) vs dense on this device, and the first forward after a
+    # route switch among stacks already in the pools (StackConfig.frozen_compute="auto" is dense until measured)
+    with torch.no_grad(), s.ungated():
+        dense_logits = model(**fwd).logits.float()
+        s.config.frozen_compute = "sparse"
+        s.clear_group_cache()
+        try:  # torch._grouped_mm supports only some dtypes / devices
+            sparse_logits = model(**fwd).logits.float()
+            timings["forward_5_frozen_sparse_ms"] = round(_timed(lambda: model(**fwd)), 2)
+            timings["sparse_vs_dense_max_abs_logit_diff"] = float((sparse_logits - dense_logits).abs().max())
+        except RuntimeError as e:
+            out["sparse_error"] = str(e).splitlines()[0][:300]
+        s.config.frozen_compute = "auto"
+        s.clear_group_cache()
+        model(**fwd)
+    with torch.no_grad():
+        with s.routed({"d0": 1.0}):
+            model(**fwd)
+        with s.ungated():
+            _sync()
+            t0 = time.perf_counter()
+            model(**fwd)
+            _sync()
+            timings["forward_5_frozen_first_after_switch_ms"] = round((time.perf_counter() - t0) * 1000, 2)
     out["timings"] = timings
 
     # store prefetch (CUDA): pinned buffers + side stream vs a raw safetensors read

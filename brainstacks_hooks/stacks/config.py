@@ -49,7 +49,7 @@ class StackConfig:
     frozen_compute: str = field(
         default="auto",
         metadata={"help": "Grouped frozen experts: dense (every expert, zero gates), sparse (the top-k experts "
-                          "only, grouped matmul), auto (the faster one measured on the device: dense; see "
+                          "only, grouped matmul), auto (the faster one measured on the device: dense so far; see "
                           "docs/BENCHMARKS.md)."},
     )
 
@@ -78,8 +78,9 @@ class StackConfig:
     def sparse_frozen(self, device: torch.device) -> bool:
         """Whether the grouped frozen compute on ``device`` runs the top-k experts only.
 
-        ``auto`` is dense on every device: on CPU the sparse path measured 1.1-3x slower than the dense one at 1,
-        45 and 1024 tokens (``benchmarks/bench_frozen_forward.py``); on CUDA it has not been measured yet
+        ``auto`` is dense on every device. On CPU the sparse path measured slower at every size: 2.39x the base
+        forward with 5 stacks (dense 1.76x) and 4.11x with 10 (dense 2.41x) at 4 x 256 tokens, and slower at 1 and
+        45 tokens too (docs/BENCHMARKS.md, "Serving speed"). On CUDA it has not been measured yet
         (``scripts/gpu_check.py`` times both), so the dense path stays until it is.
         """
         return self.frozen_compute == "sparse"
