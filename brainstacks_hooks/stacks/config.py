@@ -79,9 +79,9 @@ class StackConfig:
         """Whether the grouped frozen compute on ``device`` runs the top-k experts only.
 
         ``auto`` is dense on every device. On CPU the sparse path measured slower at every size: 2.39x the base
-        forward with 5 stacks (dense 1.76x) and 4.11x with 10 (dense 2.41x) at 4 x 256 tokens, and slower at 1 and
-        45 tokens too (docs/BENCHMARKS.md, "Serving speed"). On CUDA it has not been measured yet
-        (``scripts/gpu_check.py`` times both), so the dense path stays until it is.
+        forward with 5 stacks (dense 1.76x) and 4.11x with 10 (dense 2.41x) at 4 x 256 tokens, 1.82x vs 1.77x at 1 x 45
+        tokens, and a one-token gather path lost in decode (docs/BENCHMARKS.md, "Serving speed"). On CUDA it has not
+        been measured yet (``scripts/gpu_check.py`` times both), so the dense path stays until it is.
         """
         return self.frozen_compute == "sparse"
 
