@@ -16,7 +16,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--budget-mb", type=float, default=None,
-                   help="device budget of the stack cache in MiB (stacks + their grouped copy); default: half the "
+                   help="device budget of the stack cache in MiB (stacks + their pool slots); default: half the "
                         "free GPU memory / a quarter of the available RAM; 0 = unlimited")
 
 

@@ -111,7 +111,7 @@ class _Layout:
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     nbytes: int = 0
-    group_nbytes: int = 0  # what the hooks' grouped copy of the stack holds (A, router, B)
+    group_nbytes: int = 0  # what the stack's slot in the hooks' grouped pools holds (A, router, B)
 
 
 def _file_signature(st: os.stat_result) -> tuple[int, int, int]:
@@ -144,8 +144,8 @@ class StackStore:
             any, must not belong to the index's domains).
         directory: a directory written by :meth:`BrainStacks.save` (``brainstacks.json`` + stack files).
             The index is read once here; calls never rescan the directory.
-        budget_bytes: device budget in parameter bytes, stacks plus the hooks' grouped copy of the current
-            route (``"auto"``, the default: :func:`default_budget_bytes`; ``None``: unlimited, nothing evicted).
+        budget_bytes: device budget in parameter bytes, stacks plus their slots in the hooks' grouped pools
+            (``"auto"``, the default: :func:`default_budget_bytes`; ``None``: unlimited, nothing evicted).
         host_budget_bytes: host-tier budget (``0``: no host tier, ``None``: unlimited). Pointless on a
             CPU-only machine (see the module docstring).
         device: where stacks are computed; default: the model's device (CPU when the model spans
@@ -180,7 +180,7 @@ class StackStore:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
         self.budget_bytes: int | None = default_budget_bytes(self.device) if budget_bytes == "auto" else budget_bytes
-        # the hooks' grouped copy of a route lives on the compute device unless frozen stacks are offloaded
+        # the hooks' pool slots live on the compute device unless frozen stacks are offloaded
         self._grouped = stacks.config.group_frozen and not stacks.config.offload_frozen
         self._cuda = self.device.type == "cuda"
         if self.host_budget_bytes != 0 and self.device.type == "cpu":
@@ -251,7 +251,7 @@ class StackStore:
                 for name in PARAM_NAMES:
                     layout.shapes[f"{key}.{name}"] = shapes[name]
                     layout.nbytes += math.prod(shapes[name]) * elem
-                    if name != "noise":  # the grouped copy holds A, router and B
+                    if name != "noise":  # a pool slot holds A, router and B
                         layout.group_nbytes += math.prod(shapes[name]) * elem
             self._layouts[dtype] = layout
         return layout
