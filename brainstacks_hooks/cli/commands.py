@@ -91,9 +91,12 @@ def _router_args(p: argparse.ArgumentParser) -> None:
 def _router(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..router.pipeline import REPORT_FILE, RouterPipelineConfig, summary_table, train_router_for_run
+    from ..utils.distributed import is_main_process
 
     config = load_config(RouterPipelineConfig, args.config, args.overrides)
-    result = train_router_for_run(args.run_dir, config)
+    result = train_router_for_run(args.run_dir, config)  # torchrun: every process, sharded (see its docstring)
+    if not is_main_process():  # the main process reports
+        return 0
     print(summary_table(result.report))
     print(f"\nrouter: {result.router_dir}   report: {result.router_dir / REPORT_FILE}")
     return 0

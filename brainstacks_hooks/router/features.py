@@ -24,6 +24,12 @@ features at inference.
 * Checking hit/miss reads only ``index.json``. New prompts are appended as new chunks (a growing prompt
   set never recomputes old prompts); the index is rewritten atomically after each chunk. Concurrent
   writers do not corrupt the cache (atomic writes) but the last index written wins.
+
+**Several processes** (``shard=True`` under ``torchrun``; collective, every process calls it): every process runs
+every ``world_size``-th batch of the length-sorted prompts and the batches are gathered back in place
+(:func:`~brainstacks_hooks.utils.distributed.map_sharded`), so each batch is the batch one process would run.
+With the cache, the main process decides what is missing, writes every chunk (per chunk, after its gather)
+and the others then read the same files (a shared filesystem, as for the run directory).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ..errors import StackLoadError
 from ..loss import eval_mode
+from ..utils import distributed
 from ..utils.dtypes import DTYPES
 from ..utils.io import atomic_write_json, load_safetensors_checked, read_json, save_safetensors_atomic
 from ..utils.logging import get_logger
@@ -157,6 +164,7 @@ def features_from_ids(
     *,
     pad_id: int = 0,
     progress: bool = True,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the base model on token ids and mix hidden states per ``recipe``.
 
@@ -167,6 +175,9 @@ def features_from_ids(
         batch_size: Prompts per forward; prompts are batched by length to minimise padding.
         pad_id: Token used for right padding (masked, never seen by real tokens).
         progress: Show a tqdm bar.
+        shard: Split the batches over the processes of ``torch.distributed`` and gather them, so every
+            process returns the whole result (collective: every process calls it with the same ``ids``);
+            a no-op in a single process.
 
     Returns:
         ``(features [N, S, D] in recipe.dtype, attention_mask [N, S] int64)`` with ``S`` the longest prompt.
@@ -180,30 +191,42 @@ def features_from_ids(
     device = next(hf.parameters()).device
     dtype = DTYPES[recipe.dtype]
     order = sorted(range(n), key=lambda i: -len(ids[i]))  # longest first: little padding per batch
+    starts = list(range(0, n, batch_size))
+    shard = shard and distributed.world_size() > 1
+    bar = tqdm(total=len(distributed.shard_of(starts)) if shard else len(starts), desc="router features",
+               disable=not progress)
+
+    def run_batch(start: int) -> tuple[list[int], torch.Tensor]:
+        """Rows of one batch and their features ``[b, L, D]`` (on the CPU, in ``recipe.dtype``)."""
+        rows = order[start : start + batch_size]
+        L = len(ids[rows[0]])
+        input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [b, L]
+        mask = torch.zeros(len(rows), L, dtype=torch.long)  # [b, L]
+        for j, i in enumerate(rows):
+            input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
+            mask[j, : len(ids[i])] = 1
+        out = hf(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        hs = out.hidden_states  # (n_layers + 1) x [b, L, D]
+        mid = len(hs) // 2
+        f = recipe.mid_weight * hs[mid].float() + recipe.last_weight * hs[-1].float()  # [b, L, D]
+        f = f * mask.to(f.device).unsqueeze(-1)  # zero padded positions
+        bar.update(1)
+        return rows, f.to("cpu", dtype)
+
     features: torch.Tensor | None = None
     with eval_mode(hf), _base_only(model):
-        batches = range(0, n, batch_size)
-        for start in tqdm(batches, desc="router features", disable=not progress):
-            rows = order[start : start + batch_size]
-            L = len(ids[rows[0]])
-            input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [b, L]
-            mask = torch.zeros(len(rows), L, dtype=torch.long)  # [b, L]
-            for j, i in enumerate(rows):
-                input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-                mask[j, : len(ids[i])] = 1
-            out = hf(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-                use_cache=False,
-            )
-            hs = out.hidden_states  # (n_layers + 1) x [b, L, D]
-            mid = len(hs) // 2
-            f = recipe.mid_weight * hs[mid].float() + recipe.last_weight * hs[-1].float()  # [b, L, D]
-            f = f * mask.to(f.device).unsqueeze(-1)  # zero padded positions
+        # one process: batch by batch (no list of all batches in memory); several: gathered in batch order
+        batches = distributed.map_sharded(run_batch, starts) if shard else (run_batch(s) for s in starts)
+        for rows, f in batches:
             if features is None:
                 features = torch.zeros(n, S, f.shape[-1], dtype=dtype)  # [N, S, D]
-            features[rows, :L] = f.to("cpu", dtype)
+            features[rows, : f.shape[1]] = f
+    bar.close()
     attention_mask = (torch.arange(S)[None, :] < lengths[:, None]).long()  # [N, S]
     if features is None:  # unreachable: n >= 1
         raise ValueError("no prompts")
@@ -219,13 +242,16 @@ def compute_features(
     *,
     encode_fn: EncodeFn | None = None,
     progress: bool = True,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router features of ``prompts`` (no cache): ``(features [N, S, D] fp16, attention_mask [N, S])``.
 
     ``model`` is a :class:`BrainStacks` (features are computed inside ``bs.base_only()``) or a bare HF model.
+    ``shard``: split the batches over the processes (collective; see :func:`features_from_ids`).
     """
     ids = encode_prompts(tokenizer, prompts, recipe, encode_fn)
-    return features_from_ids(model, ids, recipe, batch_size, pad_id=_pad_id(tokenizer), progress=progress)
+    return features_from_ids(model, ids, recipe, batch_size, pad_id=_pad_id(tokenizer), progress=progress,
+                             shard=shard)
 
 
 class FeatureCache:
@@ -365,6 +391,7 @@ class FeatureCache:
         chunk_size: int = 512,
         encode_fn: EncodeFn | None = None,
         progress: bool = True,
+        shard: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of ``prompts`` (in order), computing and caching only the prompts not cached yet.
 
@@ -378,6 +405,9 @@ class FeatureCache:
             chunk_size: Prompts per cache chunk (the index is saved after each, so a crash loses little).
             encode_fn: Prompt encoder (default :func:`~brainstacks_hooks.data.formatting.encode_prompt`).
             progress: Show tqdm bars.
+            shard: Several processes (collective, every process calls it with the same prompts): the batches
+                are split over them; the main process alone looks up and writes the cache, and every process
+                then reads the result from it (see the module docstring). A no-op in a single process.
 
         Returns:
             ``(features [N, S, D], attention_mask [N, S])``.
@@ -385,7 +415,11 @@ class FeatureCache:
         fingerprint = dict(fingerprint) if fingerprint is not None else base_fingerprint(model)
         ids = encode_prompts(tokenizer, prompts, recipe, encode_fn)
         keys = [prompt_key(x) for x in ids]
-        cached = self.lookup(keys, fingerprint, recipe)
+        shard = shard and distributed.is_initialized()
+        if shard:  # every process computes the same prompts: the ones the main process misses
+            cached = distributed.broadcast_object(distributed.on_main_process(self.lookup, keys, fingerprint, recipe))
+        else:
+            cached = self.lookup(keys, fingerprint, recipe)
         todo: dict[str, list[int]] = {}
         for k, x, hit in zip(keys, ids, cached):
             if not hit:
@@ -402,8 +436,12 @@ class FeatureCache:
                 batch_size,
                 pad_id=_pad_id(tokenizer),
                 progress=progress,
+                shard=shard,
             )
-            self.store(chunk, feats, mask, fingerprint, recipe)
+            if shard:  # the others wait until the chunk is on disk, then read it with the rest below
+                distributed.on_main_process(self.store, chunk, feats, mask, fingerprint, recipe)
+            else:
+                self.store(chunk, feats, mask, fingerprint, recipe)
         self.hits += n_hit
         self.misses += len(keys) - n_hit
         return self.load(keys, fingerprint, recipe)

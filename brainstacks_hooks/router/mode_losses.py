@@ -1,7 +1,8 @@
 """The router's loss table (paper 5.3): per-domain completion loss in prefix, ungated, routed and base modes.
 
 Losses come from the one evaluator (:mod:`brainstacks_hooks.loss`); every mode is evaluated one example at a
-time, so all modes see identical shapes.
+time, so all modes see identical shapes. With ``shard=True`` under several processes the examples are dealt out
+(:func:`~brainstacks_hooks.utils.distributed.map_sharded`) and gathered back in order before the sums.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..loss import completion_nll
+from ..utils import distributed
 from .gating import Route
 from .metrics import recovered_fraction
 
@@ -34,6 +36,7 @@ def evaluate_val_losses(
     bf16: bool,
     progress: bool = True,
     oracle_losses: Mapping[str, Sequence[float | None]] | None = None,
+    shard: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, float]]]]:
     """Per-domain token-weighted completion loss in every mode of :data:`LOSS_MODES` (and the oracle's).
 
@@ -44,6 +47,8 @@ def evaluate_val_losses(
         bf16: bf16 autocast.
         progress: tqdm bar over domains' examples.
         oracle_losses: The oracle's best-route loss (token mean) of each example, aligned with ``val_examples``.
+        shard: Split the examples over the processes of ``torch.distributed`` (collective: every process calls
+            it with the same examples and routes, and gets the same table); a no-op in a single process.
 
     Returns:
         ``(table, per_example)``: ``table[d]`` has ``n_examples``, ``n_tokens``, one loss per mode, ``oracle``
@@ -53,30 +58,44 @@ def evaluate_val_losses(
     table: dict[str, dict[str, Any]] = {}
     per_example: dict[str, list[dict[str, float]]] = {}
     model = stacks.model
-    total = sum(len(v) for v in val_examples.values())
+    items = [(d, i) for d, exs in val_examples.items() for i in range(min(len(exs), len(routes[d])))]
+    shard = shard and distributed.world_size() > 1
+    total = len(distributed.shard_of(items)) if shard else sum(len(v) for v in val_examples.values())
     bar = tqdm(total=total, desc="router loss table", disable=not progress)
+
+    def measure(item: tuple[str, int]) -> tuple[dict[str, float], int]:
+        """Summed NLL of one example in every mode, and its completion-token count."""
+        d, i = item
+        ex, route = val_examples[d][i], routes[d][i]
+        summed: dict[str, float] = {}
+        c = 0
+        seen: dict[tuple, tuple[float, int]] = {}  # modes computing the same function share one forward
+        for mode in LOSS_MODES:
+            if mode in ("prefix", "isolated"):
+                ctx = stacks.using(mode, d)
+            elif mode == "routed":
+                ctx = stacks.routed(route.weights)
+            else:
+                ctx = stacks.ungated() if mode == "ungated" else stacks.base_only()
+            with ctx:
+                key = stacks.plan.signature
+                if key not in seen:
+                    seen[key] = example_nll(model, ex, bf16)
+                summed[mode], c = seen[key]
+        bar.update(1)
+        return summed, c
+
+    measured = iter(distributed.map_sharded(measure, items) if shard else (measure(x) for x in items))
     for d, exs in val_examples.items():
         sums = dict.fromkeys((*LOSS_MODES, "oracle"), 0.0)
         n_tok = n_oracle_tok = 0
         rows = []
-        for i, (ex, route) in enumerate(zip(exs, routes[d])):
+        for i in range(min(len(exs), len(routes[d]))):
+            summed, c = next(measured)
             row: dict[str, float] = {}
-            c = 0
-            seen: dict[tuple, tuple[float, int]] = {}  # modes computing the same function share one forward
             for mode in LOSS_MODES:
-                if mode in ("prefix", "isolated"):
-                    ctx = stacks.using(mode, d)
-                elif mode == "routed":
-                    ctx = stacks.routed(route.weights)
-                else:
-                    ctx = stacks.ungated() if mode == "ungated" else stacks.base_only()
-                with ctx:
-                    key = stacks.plan.signature
-                    if key not in seen:
-                        seen[key] = example_nll(model, ex, bf16)
-                    s, c = seen[key]
-                sums[mode] += s
-                row[mode] = s / max(c, 1)
+                sums[mode] += summed[mode]
+                row[mode] = summed[mode] / max(c, 1)
             o = oracle_losses[d][i] if oracle_losses is not None else None
             if o is not None:
                 row["oracle"] = float(o)
@@ -84,7 +103,6 @@ def evaluate_val_losses(
                 n_oracle_tok += c
             n_tok += c
             rows.append(row)
-            bar.update(1)
         losses = {m: sums[m] / max(n_tok, 1) for m in LOSS_MODES}
         oracle = sums["oracle"] / n_oracle_tok if n_oracle_tok == n_tok and n_tok else None
         table[d] = {"n_examples": len(exs), "n_tokens": n_tok, **losses, "oracle": oracle,

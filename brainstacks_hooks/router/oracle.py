@@ -48,10 +48,18 @@ evaluated routes, keyed by example id with a content hash. Routes and targets ar
 stored losses on every run, so changing the threshold, the soft domains or the blend never recomputes a
 forward pass (a greedy search only computes routes it had not evaluated). A different signature
 recomputes the domain; missing or changed examples are computed and merged.
+
+**Several processes** (``shard=True`` under ``torchrun``; collective, every process calls it with the same
+examples): the main process reads the cache and tells the others what is missing; the batches are then dealt
+out in rounds of ``world_size`` (process ``r`` searches the ``r``-th batch of each round) and the loss tables
+of a round are gathered in batch order (:func:`~brainstacks_hooks.utils.distributed.map_sharded`), so every
+process ends with the records one process would compute. The main process alone writes the cache, at the
+same points as one process.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -68,6 +76,7 @@ from tqdm.auto import tqdm
 from ..data.formatting import IGNORE_INDEX
 from ..errors import ConfigError, StackLoadError
 from ..loss import autocast_context, eval_mode, token_nll
+from ..utils import distributed
 from ..utils.io import atomic_write_json, read_json
 from ..utils.logging import get_logger
 from .config import RouterConfig
@@ -627,6 +636,7 @@ def run_oracle(
     progress: bool = True,
     bf16: bool = False,
     mixed_batches: bool = True,
+    shard: bool = False,
 ) -> OracleResult:
     """Discover the best route and the router target of every example, using and filling the cache.
 
@@ -642,6 +652,8 @@ def run_oracle(
         bf16: Whether ``backend`` runs under bf16 autocast (part of the cache signature).
         mixed_batches: Run the candidate routes of each example together in mixed-route forwards when the
             backend supports it (``batch_multi_loss_fn``); ``False``: one forward per route over a batch.
+        shard: Split the batches over the processes of ``torch.distributed`` (collective; see the module
+            docstring); a no-op in a single process.
 
     Returns:
         An :class:`OracleResult`.
@@ -659,6 +671,13 @@ def run_oracle(
     )
     signature = oracle_signature(stack_signature, domains, config, bf16)
     cache = OracleCache(cache_dir) if cache_dir is not None else None
+    shard = shard and distributed.is_initialized()
+    n_proc = distributed.world_size() if shard else 1
+
+    def on_main(fn: Callable[..., Any], *args: Any) -> Any:
+        """Several processes: the cache is read and written by the main process, its result shared."""
+        return distributed.broadcast_object(distributed.on_main_process(fn, *args)) if shard else fn(*args)
+
     by_domain: dict[str, list[OracleExample]] = {}
     for e in examples:
         by_domain.setdefault(e.domain, []).append(e)
@@ -666,7 +685,7 @@ def run_oracle(
     skipped: list[str] = []
     n_cached = n_computed = 0
     for source, exs in by_domain.items():
-        stored = cache.load(source, signature) if cache is not None else {}
+        stored = on_main(cache.load, source, signature) if cache is not None else {}
         todo: list[tuple[OracleExample, dict[str, float] | None]] = []
         for e in exs:
             r = stored.get(e.example_id)
@@ -692,50 +711,56 @@ def run_oracle(
             )
         skipped.extend(newly_skipped)
         bs_ = config.oracle_batch_size
-        batches = range(0, len(usable), bs_)
-        for b, start in enumerate(tqdm(batches, desc=f"oracle {source}", disable=not progress)):
-            chunk = usable[start : start + bs_]
-            chunk_examples = [e for e, _, _ in chunk]
-            multi = getattr(backend, "batch_multi_loss_fn", None) if mixed_batches else None
-            tables = search_routes(
-                backend.batch_loss_fn(chunk_examples),
-                len(chunk),
-                domains,
-                config,
-                [i for _, i, _ in chunk],
-                multi_fn=multi(chunk_examples) if multi is not None else None,
-                rows_per_forward=config.oracle_batch_size,
-                labels=[e.labels for e in chunk_examples],
-            )
-            for (e, _, n), table in zip(chunk, tables):
-                rec = OracleRecord(
-                    example_id=e.example_id,
-                    domain=e.domain,
-                    labels=list(e.labels),
-                    content_sha=e.content_sha,
-                    n_tokens=int(n),
-                    base_loss=table[BASE_KEY],
-                    losses={k: v for k, v in table.items() if k != BASE_KEY},
-                )
-                done[e.example_id] = rec.apply(decide(rec.losses, domains, config, e.labels))
-                logger.debug(
-                    "oracle[%s] %s route=[%s] base=%.3f empty=%.3f best=%.3f",
-                    source,
-                    e.example_id[:12],
-                    ", ".join(rec.route),
-                    rec.base_loss,
-                    rec.empty_loss,
-                    rec.best_loss,
-                )
-                n_computed += 1
-            if cache is not None and ((b + 1) % save_every == 0 or start + bs_ >= len(usable)):
+        starts = list(range(0, len(usable), bs_))
+        search = functools.partial(_search_batch, backend, usable, domains, config, mixed_batches)
+        # rounds of n_proc batches (one process: one batch per round), each process searching one of them
+        rounds = range(0, len(starts), n_proc)
+        for g in tqdm(rounds, desc=f"oracle {source}", disable=not progress):
+            group = starts[g : g + n_proc]
+            tables_of = distributed.map_sharded(search, group) if shard else [search(s) for s in group]
+            for start, tables in zip(group, tables_of):
+                chunk = usable[start : start + bs_]
+                _record(chunk, tables, source, domains, config, done)
+                n_computed += len(chunk)
+            last = g + len(group)  # batches done so far
+            if cache is not None and (any(b % save_every == 0 for b in range(g + 1, last + 1))
+                                      or group[-1] + bs_ >= len(usable)):
                 merged = dict(stored)
                 merged.update(
                     {e.example_id: done[e.example_id].to_dict() for e in exs if e.example_id in done}
                 )
-                cache.save(source, signature, merged)
+                on_main(cache.save, source, signature, merged)
     records = [done[e.example_id] for e in examples if e.example_id in done]
     return OracleResult(records=records, skipped=skipped, n_cached=n_cached, n_computed=n_computed)
+
+
+def _search_batch(backend: OracleBackend, usable: Sequence[tuple[OracleExample, Any, int]], domains: Sequence[str],
+                  config: RouterConfig, mixed_batches: bool, start: int) -> list[dict[str, float]]:
+    """Loss tables of the batch of ``usable`` (``(example, cached table, n_tokens)``) that begins at ``start``."""
+    chunk = usable[start : start + config.oracle_batch_size]
+    chunk_examples = [e for e, _, _ in chunk]
+    multi = getattr(backend, "batch_multi_loss_fn", None) if mixed_batches else None
+    return search_routes(backend.batch_loss_fn(chunk_examples), len(chunk), domains, config, [i for _, i, _ in chunk],
+                         multi_fn=multi(chunk_examples) if multi is not None else None,
+                         rows_per_forward=config.oracle_batch_size, labels=[e.labels for e in chunk_examples])
+
+
+def _record(chunk: Sequence[tuple[OracleExample, Any, int]], tables: Sequence[dict[str, float]], source: str,
+            domains: Sequence[str], config: RouterConfig, done: dict[str, OracleRecord]) -> None:
+    """Turn a batch's loss tables into decided records in ``done``."""
+    for (e, _, n), table in zip(chunk, tables):
+        rec = OracleRecord(
+            example_id=e.example_id,
+            domain=e.domain,
+            labels=list(e.labels),
+            content_sha=e.content_sha,
+            n_tokens=int(n),
+            base_loss=table[BASE_KEY],
+            losses={k: v for k, v in table.items() if k != BASE_KEY},
+        )
+        done[e.example_id] = rec.apply(decide(rec.losses, domains, config, e.labels))
+        logger.debug("oracle[%s] %s route=[%s] base=%.3f empty=%.3f best=%.3f", source, e.example_id[:12],
+                     ", ".join(rec.route), rec.base_loss, rec.empty_loss, rec.best_loss)
 
 
 def run_oracle_on_stacks(
@@ -749,15 +774,18 @@ def run_oracle_on_stacks(
     progress: bool = True,
     bf16: bool = False,
     mixed_batches: bool = True,
+    shard: bool = False,
 ) -> OracleResult:
     """:func:`run_oracle` on a :class:`BrainStacks` model over its frozen domains.
 
     ``stack_signature`` defaults to :func:`stacks_signature` of ``bs`` and ``tokenizer``. The model is put
     in eval mode for the run and restored afterwards. ``bf16`` runs the forwards under bf16 autocast (use the
     precision the run's stacks were evaluated in, so oracle losses and SFT validation losses agree).
+    ``shard``: split the batches over the processes of ``torch.distributed`` (collective; see the module docstring).
     """
     signature = stack_signature or stacks_signature(bs, tokenizer)
     backend = StackOracleBackend(bs, tokenizer, config.oracle_max_length, bf16=bf16)
     with eval_mode(bs.model):
         return run_oracle(examples, config, backend=backend, domains=list(bs.domains), stack_signature=signature,
-                          cache_dir=cache_dir, progress=progress, bf16=bf16, mixed_batches=mixed_batches)
+                          cache_dir=cache_dir, progress=progress, bf16=bf16, mixed_batches=mixed_batches,
+                          shard=shard)

@@ -51,6 +51,13 @@ is evaluated one example at a time, so all modes see identical shapes. ``recover
 (ungated - routed) / (ungated - prefix)`` is reported when ungated is worse than prefix by more than
 1e-4 (otherwise there is nothing to recover and it is ``None``).
 
+**Several processes** (``torchrun --nproc_per_node N -m brainstacks_hooks.cli.main router RUN_DIR``): the
+three passes over examples, the oracle, the features and the loss table, are sharded by batch (oracle,
+features) or by example (loss table) and gathered back in order, so every process holds the features and
+targets one process computes (:func:`~brainstacks_hooks.utils.distributed.map_sharded`). The main process reads
+and writes the caches, trains the router (small; the others receive it, so all route alike), measures the timings
+and writes every file of ``router/``; every process returns the same report.
+
 The pieces live in their own modules: :mod:`.examples` (rows, mixed prompts, split), :mod:`.metrics`,
 :mod:`.mode_losses` (the loss table), :mod:`.report` (files and summary); routing a prompt from a run
 without any of this is :mod:`.serving`. The ids of the rows the oracle and the router used are recorded in
@@ -73,8 +80,9 @@ from ..config import to_dict
 from ..data.formatting import encode_rows
 from ..errors import ConfigError, RunDirError
 from ..run_dir import ROUTER_TEST, ROUTER_TRAIN, SFT_TRAIN, RunDir
+from ..utils import distributed
 from ..utils.io import atomic_write_json
-from ..utils.logging import get_logger
+from ..utils.logging import get_logger, log_on_main_process_only
 from .analysis import cross_domain_analysis, plot_cross_domain
 from .config import RouterConfig
 from .examples import MIXED_SOURCE, build_mixed_examples, build_router_examples, user_text
@@ -266,8 +274,13 @@ class RouterInputs:
     features_computed: int
 
 
-def prepare_router_inputs(run: RunDir, cfg: RouterPipelineConfig, stacks: Any, tokenizer: Any) -> RouterInputs:
-    """Examples from the run's recorded rows, oracle targets and features (both through their disk caches)."""
+def prepare_router_inputs(run: RunDir, cfg: RouterPipelineConfig, stacks: Any, tokenizer: Any, *,
+                          shard: bool = True) -> RouterInputs:
+    """Examples from the run's recorded rows, oracle targets and features (both through their disk caches).
+
+    ``shard``: under several processes the oracle and the features are split over them (collective: every
+    process calls it; see the module docstring); a no-op in a single process.
+    """
     rc, out_dir, domains = cfg.router, run.router_dir, list(stacks.domains)
     run_config = run.run_config()
     bf16 = run_config.train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
@@ -285,7 +298,7 @@ def prepare_router_inputs(run: RunDir, cfg: RouterPipelineConfig, stacks: Any, t
     t0 = time.perf_counter()
     oracle = run_oracle_on_stacks(stacks, tokenizer, ex.oracle_train + ex.test_oracle, rc,
                                   cache_dir=out_dir / "oracle_cache", progress=cfg.progress, bf16=bf16,
-                                  mixed_batches=cfg.oracle_mixed_batches)
+                                  mixed_batches=cfg.oracle_mixed_batches, shard=shard)
     oracle_s = time.perf_counter() - t0
     records = {r.example_id: r for r in oracle.records}
     train_records = [records[e.example_id] for e in ex.oracle_train if e.example_id in records]
@@ -304,7 +317,7 @@ def prepare_router_inputs(run: RunDir, cfg: RouterPipelineConfig, stacks: Any, t
     cache = FeatureCache(out_dir / "feature_cache")
     t0 = time.perf_counter()
     feats, mask = cache.get_or_compute(stacks, tokenizer, all_prompts, recipe, fingerprint=fingerprint,
-                                       batch_size=rc.feature_batch_size, progress=cfg.progress)
+                                       batch_size=rc.feature_batch_size, progress=cfg.progress, shard=shard)
     features_s = time.perf_counter() - t0
     n_or, n_lab, n_test = len(oracle_prompts), len(label_flat), len(test_flat)
     sl_train, sl_test = slice(0, n_or + n_lab), slice(n_or + n_lab, n_or + n_lab + n_test)
@@ -367,6 +380,8 @@ def train_router_for_run(
         tokenizer: Optional tokenizer (loaded from the run's model when missing).
         stacks: Optional :class:`BrainStacks` holding the run's frozen stacks (e.g. ``run_sft(...).stacks``).
 
+    Under ``torchrun`` every process calls it (see the module docstring); each returns the main process's report.
+
     Returns:
         A :class:`RouterRunResult`; ``report.json`` holds the same report.
 
@@ -382,6 +397,10 @@ def train_router_for_run(
         raise RunDirError(f"{run.path}: no router rows recorded (rows/{ROUTER_TRAIN}.jsonl); rerun its train "
                           "command (`brainstacks train CONFIG output_dir=...`): it records them and trains nothing")
     run_dir, out_dir, manifest, run_config = run.path, run.router_dir, run.manifest, run.run_config()
+    distributed.init_distributed(cpu=_use_cpu(run_config))  # before the model loads (a GPU per process)
+    log_on_main_process_only()
+    if not distributed.is_main_process():
+        cfg = dataclasses.replace(cfg, progress=False)
     stacks, tokenizer = _load_models(run, model, tokenizer, stacks)
     domains = list(stacks.domains)
     missing = [d for d in manifest.domain_order if d not in domains]
@@ -398,11 +417,13 @@ def train_router_for_run(
     oracle_s, features_s = inputs.timings["oracle_s"], inputs.timings["features_s"]
     device = cfg.device or str(next(stacks.model.parameters()).device)
     t0 = time.perf_counter()
-    result = train_router(data, rc, device=device, split=(train_idx, val_idx), progress=cfg.progress)
+    result = _shared(distributed.on_main_process(train_router, data, rc, device=device, split=(train_idx, val_idx),
+                                                 progress=cfg.progress), device)
     train_s = time.perf_counter() - t0
     router = result.router
-    meta = save_router(router, rc, out_dir, feature_recipe=recipe, base_fingerprint=fingerprint,
-                       stacks=run.stack_index().identity())
+    meta = distributed.broadcast_object(distributed.on_main_process(
+        save_router, router, rc, out_dir, feature_recipe=recipe, base_fingerprint=fingerprint,
+        stacks=run.stack_index().identity()))
 
     # ---- held-out metrics (rows neither SFT nor the router trained on)
     held_out, probe_metrics, gap, routes_by_test_domain = held_out_metrics(router, inputs, rc, device)
@@ -421,7 +442,7 @@ def train_router_for_run(
     mixed_analysis = cross_domain_analysis([r for r in oracle.records if r.domain == MIXED_SOURCE])
     plot_path = out_dir / PLOT_FILE
     if singles:
-        plot_cross_domain(analysis, plot_path)
+        distributed.on_main_process(plot_cross_domain, analysis, plot_path)
 
     # ---- loss table on the single-domain test oracle rows
     single_test = [(r, i) for i, r in enumerate(test_records) if r.domain != MIXED_SOURCE]
@@ -442,7 +463,8 @@ def train_router_for_run(
         enc_oracle.setdefault(r.domain, []).append(r.best_loss)
         row_ids.setdefault(r.domain, []).append(r.example_id)
     t0 = time.perf_counter()
-    loss_table, per_example = evaluate_val_losses(stacks, enc_rows, enc_routes, bf16, cfg.progress, enc_oracle)
+    loss_table, per_example = evaluate_val_losses(stacks, enc_rows, enc_routes, bf16, cfg.progress, enc_oracle,
+                                                  shard=True)
     eval_s = time.perf_counter() - t0
     val_routes = []
     for d in enc_rows:
@@ -456,8 +478,9 @@ def train_router_for_run(
     # ---- timing: round-robin over domains, so every domain's prompts are timed
     per_domain_prompts = [_pairs(rows) for rows in ex.test.values()]
     interleaved = [p for group in itertools.zip_longest(*per_domain_prompts) for p in group if p is not None]
-    timing = measure_timing(stacks, tokenizer, router, meta, interleaved[: cfg.timing_prompts],
-                            cfg.generation_prompts, cfg.generation_tokens)
+    timing = distributed.on_main_process(measure_timing, stacks, tokenizer, router, meta,  # timed once, by the main
+                                         interleaved[: cfg.timing_prompts], cfg.generation_prompts,
+                                         cfg.generation_tokens) or {}
     timing.update({"oracle_s": oracle_s, "features_s": features_s, "router_train_s": train_s, "loss_eval_s": eval_s,
                    "features_computed": inputs.features_computed, "oracle_computed": oracle.n_computed,
                    "oracle_examples_per_min": oracle.n_computed / oracle_s * 60 if oracle.n_computed else None,
@@ -492,12 +515,32 @@ def train_router_for_run(
         "timing": timing,
         "total_s": time.perf_counter() - t_start,
     }
-    report = json_safe(report)
-    atomic_write_json(out_dir / REPORT_FILE, report)
-    atomic_write_json(out_dir / VAL_ROUTES_FILE, json_safe(val_routes))
-    logger.info("router report written to %s", out_dir / REPORT_FILE)
+    report = distributed.broadcast_object(json_safe(report))  # the main process's timings on every process
+    distributed.on_main_process(_write_report, out_dir, report, json_safe(val_routes))
     return RouterRunResult(router, meta, report, out_dir, result, list(data.subset(train_idx).prompts),
                            [user_text(*p) for p in _pairs([r for _, r in inputs.test_flat])], val_routes)
+
+
+def _use_cpu(run_config: Any) -> bool:
+    """The run's ``train.use_cpu`` when set, else no GPU (as SFT decides; gloo on the CPU, nccl on GPUs)."""
+    flag = run_config.train.use_cpu
+    return flag if flag is not None else not torch.cuda.is_available()
+
+
+def _shared(result: RouterTrainResult | None, device: str) -> RouterTrainResult:
+    """Several processes: the main process's trained router on every process (on this process's ``device``)."""
+    if distributed.is_initialized():
+        if result is not None:
+            result.router.to("cpu")  # pickled for the broadcast: a CUDA tensor would come back on the main's GPU
+        result = distributed.broadcast_object(result)
+        result.router.to(device)
+    return result  # type: ignore[return-value]
+
+
+def _write_report(out_dir: Path, report: dict[str, Any], val_routes: Any) -> None:
+    atomic_write_json(out_dir / REPORT_FILE, report)
+    atomic_write_json(out_dir / VAL_ROUTES_FILE, val_routes)
+    logger.info("router report written to %s", out_dir / REPORT_FILE)
 
 
 def domain_priors(records: list[Any], domains: list[str]) -> dict[str, torch.Tensor]:

@@ -6,14 +6,16 @@ library code calls them unconditionally. The collective ones (:func:`barrier`, :
 
 The SFT recipe uses them so that the main process alone writes the run directory, the others wait and then
 read the same state, and every decision that depends on a measured number is taken on numbers that are the
-same on every process (see :mod:`brainstacks_hooks.training.outer_loop`).
+same on every process (see :mod:`brainstacks_hooks.training.outer_loop`). The router pipeline's passes over
+examples (features, oracle, loss table) split their batches with :func:`map_sharded` (see
+:mod:`brainstacks_hooks.router.pipeline`).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ from .logging import get_logger
 logger = get_logger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: How long a process waits at a collective (e.g. for the main process to prepare the data) before it fails.
 TIMEOUT = timedelta(hours=2)
@@ -126,6 +129,40 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None
     return result
 
 
+def shard_of(items: Sequence[T]) -> Sequence[T]:
+    """The items this process computes in :func:`map_sharded`: ``items[rank::world_size]`` (all of them when not
+    distributed)."""
+    return items[rank() :: world_size()] if is_initialized() else items
+
+
+def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]`` computed by the processes together, on every process (collective).
+
+    Process ``r`` computes ``items[r]``, ``items[r + world_size]``, ... (:func:`shard_of`), in order; the results
+    are gathered and put back in the order of ``items``, so every process gets the list one process computing
+    every item would get. ``fn`` must not call collectives itself, and its results should be CPU objects (they
+    are pickled; a CUDA tensor would come back on the GPU of the process that computed it). An exception of
+    ``fn`` on any process is raised on every process (after every process finished its share), so none waits
+    forever. Not distributed: exactly ``[fn(x) for x in items]``.
+    """
+    if not is_initialized():
+        return [fn(x) for x in items]
+    n = world_size()
+    mine: list[R] = []
+    error: BaseException | None = None
+    try:
+        mine = [fn(x) for x in shard_of(items)]
+    except Exception as e:
+        error = e
+    parts = all_gather_object((mine, _portable(error) if error is not None else None))
+    if error is not None:
+        raise error
+    for _, theirs in parts:
+        if theirs is not None:
+            raise theirs
+    return [parts[i % n][0][i // n] for i in range(len(items))]  # item i was process i % n's (i // n)-th
+
+
 __all__ = [
     "TIMEOUT",
     "all_gather_object",
@@ -135,7 +172,9 @@ __all__ = [
     "is_initialized",
     "is_main_process",
     "launched_distributed",
+    "map_sharded",
     "on_main_process",
     "rank",
+    "shard_of",
     "world_size",
 ]

@@ -229,6 +229,17 @@ try:
 except RunDirError as e:
     out["error"] = str(e)
 out["broadcast"] = distributed.broadcast_object(rank + 10)
+out["mapped"] = distributed.map_sharded(lambda x: [x * x, distributed.rank()], list(range(5)))
+
+def fail_on_3(x):
+    if x == 3:
+        raise RunDirError(f"item {x}")
+    return x
+
+try:
+    distributed.map_sharded(fail_on_3, list(range(5)))
+except RunDirError as e:
+    out["map_error"] = str(e)
 g = torch.Generator().manual_seed(0)
 examples = []
 for n in (5, 9, 7, 12, 6):  # 5 examples in batches of 2: 3 batches, the last one short
@@ -245,8 +256,9 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
 
 
 def test_distributed_helpers_under_two_gloo_processes(tmp_path):
-    """``on_main_process`` runs on rank 0 only and raises its error on every rank; sharded evaluation gives every
-    rank exactly the per-example numbers of one process evaluating every batch, in order."""
+    """``on_main_process`` runs on rank 0 only and raises its error on every rank; ``map_sharded`` deals items out
+    and gathers them in order; sharded evaluation gives every rank exactly the per-example numbers of one process
+    evaluating every batch, in order."""
     child = tmp_path / "helpers_child.py"
     child.write_text(_HELPERS_CHILD)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -258,4 +270,7 @@ def test_distributed_helpers_under_two_gloo_processes(tmp_path):
     assert (r0["result"], r1["result"]) == ("written by 0", None)
     assert r0["error"] == r1["error"] == "bad run dir"
     assert r0["broadcast"] == r1["broadcast"] == 10
+    # map_sharded: item i computed by rank i % 2, gathered in order on both; an error of one rank raised on both
+    assert r0["mapped"] == r1["mapped"] == [[0, 0], [1, 1], [4, 0], [9, 1], [16, 0]]
+    assert r0["map_error"] == r1["map_error"] == "item 3"
     assert r0["sharded_equals_whole"] and r1["sharded_equals_whole"] and r0["n"] == r1["n"] == 5
