@@ -1,6 +1,7 @@
 """Why the meta-router collapsed, measured: router variants trained on the same quickstart features.
 
-    python recipes/experiments/router_variants.py runs/quickstart [--config router_quickstart]
+    python recipes/experiments/router_variants.py runs/quickstart [--config router_quickstart] [--only 8]
+        [router.val_fraction=0.2 ...]
 
 Needs a finished run whose router was trained once (``brainstacks router`` / ``make quickstart``), so the oracle
 and the features come from their caches. Every variant trains on exactly the same rows (oracle rows no stack
@@ -59,9 +60,10 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--config", default="router_quickstart")
     ap.add_argument("--only", default="", help="comma-separated variant indices to run (default: all)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. router.val_fraction=0.2 (checkpoint split)")
     args = ap.parse_args()
     run = RunDir.open(args.run_dir, require_finished=True)
-    cfg = load_config(RouterPipelineConfig, args.config, [f"run_dir={run.path}", "progress=false"])
+    cfg = load_config(RouterPipelineConfig, args.config, [f"run_dir={run.path}", "progress=false", *args.overrides])
     model, tok = run.load_base()
     stacks = run.open_stacks(model)
     inputs = prepare_router_inputs(run, cfg, stacks, tok)
