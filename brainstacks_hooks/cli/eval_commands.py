@@ -21,6 +21,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="longest input in tokens (default: min(2048, the model's max positions))")
     p.add_argument("--out-dir", default=None, help="output folder (default: RUN_DIR/eval/<mode>)")
+    p.add_argument("--grouped-routes", action="store_true",
+                   help="routed mode: one lm-eval pass per distinct route instead of mixed-route batches "
+                        "(each batch row under its own request's route)")
 
 
 def _task_list(text: str) -> list[str]:
@@ -74,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit = int(limit)
     record = evaluate_run(args.run_dir, _task_list(args.tasks), args.mode, limit=limit, data_dir=args.data_dir,
                           batch_size=args.batch_size, seed=args.seed, out_dir=args.out_dir,
-                          max_length=args.max_length)
+                          max_length=args.max_length, mixed_batches=not args.grouped_routes)
     out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval" / args.mode.replace(":", "-")
     base_record = _base_record(out, args.mode)
     base = base_record.get("metrics") if base_record else None

@@ -13,10 +13,22 @@ mode           stacks computed for every request
 ``isolated:D`` only D's stacks
 ``routed``     each request's document is routed once by the run's meta-router (route text = the
                request's context string, shared by all choices of a question, so lm-eval's
-               one-token prefix reuse keeps working); requests are run grouped by route, each group
-               under ``stacks.routed(weights)`` through the parent ``HFLM`` method, and the
-               answers are put back in lm-eval's order
+               one-token prefix reuse keeps working); see *mixed-route batches* below
 ============== =====================================================================================
+
+**Mixed-route batches** (routed mode, ``mixed_batches=True``, the default). The stacks of the union of all
+routes of a call are attached once (``StackStore.activate``), lm-eval batches the requests as it always does
+(its ``Collator`` sorts by length and merges requests sharing ``context + continuation[:-1]``), and every
+forward runs each row under its own request's route (``stacks.routed_rows``; one route for the whole batch:
+``stacks.routed``). The rows are lined up with their requests by tokens, not by position:
+``_loglikelihood_tokens`` maps every request's model input (``(context + continuation)[-(max_length+1):][:-1]``,
+trailing pad zeros stripped) to its route, and ``_model_call`` looks each batch row up (``pad_and_concat``
+right-pads with zeros, ``models/utils_hf.py``). Two requests with the same input but different routes
+would share one forward in lm-eval's one-token cache; such a call (or one whose union of stacks does not fit
+the store budget) runs grouped instead. Generation lines rows up through ``tok_batch_encode``, which
+receives each chunk's context strings right before its ``_model_generate``. With ``mixed_batches=False``
+requests run grouped by route: one parent ``HFLM`` call per distinct route under
+``stacks.routed(weights)``, answers put back in lm-eval's order.
 
 The batch size is fixed (``"auto"`` is refused: on CPU it probes ``max_batch_size`` x ``max_length`` token
 forwards), ``max_length`` is set, and log-softmax runs in fp32 for half-precision models (``softmax_dtype``,
@@ -47,7 +59,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailable, ConfigError
+from ..errors import BackendUnavailable, ConfigError, StackStateError
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -114,6 +126,26 @@ def _parse_mode(mode: str, domains: Sequence[str]):
     return parsed, domain_weights(parsed, list(domains))
 
 
+RouteKey = tuple[tuple[str, float], ...]
+
+
+def _strip_pad(tokens: Sequence[int]) -> tuple[int, ...]:
+    """``tokens`` without trailing zeros: lm-eval right-pads loglikelihood batches with 0 (``pad_and_concat``)."""
+    end = len(tokens)
+    while end and tokens[end - 1] == 0:
+        end -= 1
+    return tuple(tokens[:end])
+
+
+def _union(keys: Sequence[RouteKey]) -> dict[str, float]:
+    """Every domain of ``keys`` at its largest weight (the stacks a mixed-route call must have attached)."""
+    out: dict[str, float] = {}
+    for key in keys:
+        for d, w in key:
+            out[d] = max(out.get(d, 0.0), w)
+    return out
+
+
 _LM_CLASS: type | None = None
 
 
@@ -140,7 +172,7 @@ def brainstacks_lm_class() -> type:
         """
 
         def __init__(self, rm: Any, mode: str = "base", *, batch_size: int = 8, max_length: int | None = None,
-                     softmax_dtype: Any = None, **kwargs: Any) -> None:
+                     softmax_dtype: Any = None, mixed_batches: bool = True, **kwargs: Any) -> None:
             batch_size = _check_batch_size(batch_size)
             domains = rm.store.domains if rm.store is not None else []
             self.bs_mode_name = mode
@@ -156,6 +188,13 @@ def brainstacks_lm_class() -> type:
                              max_length=max_length, softmax_dtype=softmax_dtype, **kwargs)
             self.routes: dict[str, dict[str, Any]] = {}
             self.request_routes: dict[tuple[str | None, int | None], str] = {}
+            self.mixed_batches = bool(mixed_batches)
+            #: forwards / generate calls of routed mode: ``mixed`` (several routes in one batch), ``single``
+            #: (one route in the batch), ``grouped_calls`` (lm-eval calls that ran grouped by route)
+            self.route_batches = {"mixed": 0, "single": 0, "grouped_calls": 0}
+            self._context_routes: dict[str, RouteKey] | None = None  # context hash -> route, in a mixed call
+            self._row_routes: dict[tuple[int, ...], RouteKey] | None = None  # model input -> route
+            self._gen_rows: list[RouteKey] | None = None  # routes of the chunk tok_batch_encode just encoded
 
         # ---------------------------------------------------------------- modes
         def _using(self, mode: Any):
@@ -181,7 +220,8 @@ def brainstacks_lm_class() -> type:
                 self.request_routes.setdefault((r.task_name, r.doc_id), h)
             return [tuple(sorted((d, w) for d, w in self.routes[h]["weights"].items() if w > 0)) for h in hashes]
 
-        def _run(self, method: Callable[..., list[Any]], requests: list[Any], disable_tqdm: bool) -> list[Any]:
+        def _run(self, method: Callable[..., list[Any]], requests: list[Any], disable_tqdm: bool,
+                 mixed: bool = False) -> list[Any]:
             if not requests:
                 return []
             if self.bs_mode is not None:
@@ -190,6 +230,21 @@ def brainstacks_lm_class() -> type:
                 with self._using(self.bs_mode):
                     return method(requests, disable_tqdm=disable_tqdm)
             keys = self._route_keys(requests)
+            if mixed and self.mixed_batches:
+                from ..inference.records import StackBudgetError
+
+                try:
+                    self.rm.store.activate(_union(keys), set_mode=False)
+                except StackBudgetError as exc:
+                    logger.warning("mixed-route batches off for this call (%s): running grouped by route", exc)
+                else:
+                    self._context_routes = {context_hash(str(r.args[0])): k for r, k in zip(requests, keys,
+                                                                                            strict=True)}
+                    try:
+                        return method(requests, disable_tqdm=disable_tqdm)
+                    finally:
+                        self._context_routes = self._row_routes = self._gen_rows = None
+            self.route_batches["grouped_calls"] += 1
             groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
             for i, k in enumerate(keys):
                 groups.setdefault(k, []).append(i)
@@ -207,17 +262,91 @@ def brainstacks_lm_class() -> type:
                 bar.close()
             return out
 
+        # ---------------------------------------------------------------- mixed-route batches
+        def _batch_mode(self, rows: Sequence[RouteKey]) -> Any:
+            """One route for the batch (``stacks.routed``) or one per row (``stacks.routed_rows``)."""
+            from ..stacks.modes import Mode
+
+            if len(set(rows)) == 1:
+                self.route_batches["single"] += 1
+                return Mode.routed(dict(rows[0]))
+            self.route_batches["mixed"] += 1
+            return Mode.routed_rows([dict(k) for k in rows])
+
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            routes = self._context_routes
+            if routes is None:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            table: dict[tuple[int, ...], RouteKey] = {}
+            clash = False
+            for strings, ctx, cont in requests:
+                key = routes[context_hash(str(strings[0]))]
+                inp = _strip_pad((ctx + cont)[-(self.max_length + 1):][:-1])  # the row lm-eval feeds the model
+                clash |= table.setdefault(inp, key) != key
+            if not clash:
+                self._row_routes = table
+                try:
+                    return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                finally:
+                    self._row_routes = None
+            # the same model input under two routes: lm-eval would compute it once; run grouped by route
+            logger.warning("two requests share a model input but not a route: this call runs grouped by route")
+            self.route_batches["grouped_calls"] += 1
+            groups: dict[RouteKey, list[int]] = {}
+            for i, (strings, _, _) in enumerate(requests):
+                groups.setdefault(routes[context_hash(str(strings[0]))], []).append(i)
+            out: list[Any] = [None] * len(requests)
+            for key, idx in groups.items():
+                with self._using(self._batch_mode([key])):
+                    answers = super()._loglikelihood_tokens([requests[i] for i in idx], disable_tqdm=True,
+                                                            override_bs=override_bs)
+                for i, a in zip(idx, answers, strict=True):
+                    out[i] = a
+            return out
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            table = self._row_routes
+            if table is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            rows = [table.get(_strip_pad(r)) for r in inps.tolist()]  # inps: [B, L] right-padded with 0
+            if any(k is None for k in rows):
+                raise StackStateError("a loglikelihood batch row matches no request of the call (has lm-eval's "
+                                      "batching changed?); evaluate with mixed_batches=False")
+            with self._using(self._batch_mode(rows)):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def tok_batch_encode(self, strings: list[str], padding_side: str = "left",
+                             left_truncate_len: int | None = None, truncation: bool = False) -> Any:
+            if self._context_routes is not None:  # generate_until: the contexts of the chunk about to generate
+                try:
+                    self._gen_rows = [self._context_routes[context_hash(str(t))] for t in strings]
+                except KeyError:
+                    raise StackStateError("a generation batch holds a context of no request of the call (has "
+                                          "lm-eval's batching changed?); evaluate with mixed_batches=False") from None
+            return super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=left_truncate_len,
+                                            truncation=truncation)
+
         # ---------------------------------------------------------------- lm-eval entry points
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return self._run(super().loglikelihood, requests, disable_tqdm)
+            return self._run(super().loglikelihood, requests, disable_tqdm, mixed=True)
 
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             return self._run(super().loglikelihood_rolling, requests, disable_tqdm)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            return self._run(super().generate_until, requests, disable_tqdm)
+            return self._run(super().generate_until, requests, disable_tqdm, mixed=True)
 
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+            rows, self._gen_rows = self._gen_rows, None
+            if rows is None:
+                return self._generate(context, max_length, stop, **generation_kwargs)
+            if len(rows) != context.shape[0]:
+                raise StackStateError(f"{len(rows)} routes for a generation batch of {context.shape[0]} rows")
+            with self._using(self._batch_mode(rows)):
+                return self._generate(context, max_length, stop, **generation_kwargs)
+
+        def _generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
             # lm-eval hard-codes use_cache=True (huggingface.py:1187); Unsloth's fast decode would skip the hooks
             if getattr(self.rm, "use_cache", True):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
@@ -248,7 +377,7 @@ def brainstacks_lm_class() -> type:
 
 
 def brainstacks_lm(rm: Any, mode: str = "base", *, batch_size: int = 8, max_length: int | None = None,
-                   **kwargs: Any) -> Any:
+                   mixed_batches: bool = True, **kwargs: Any) -> Any:
     """An lm-eval ``HFLM`` on ``rm.model`` (the live object) running every request under ``mode``.
 
     Args:
@@ -257,12 +386,15 @@ def brainstacks_lm(rm: Any, mode: str = "base", *, batch_size: int = 8, max_leng
         mode: ``base``, ``ungated``, ``prefix:D``, ``isolated:D`` or ``routed``.
         batch_size: fixed batch size (never ``"auto"``).
         max_length: longest input (default: ``min(2048, max_position_embeddings)``).
+        mixed_batches: routed mode: each batch row under its own request's route (one lm-eval pass over all
+            requests, the union of the routes' stacks attached); ``False``: one pass per distinct route.
         kwargs: more ``HFLM`` arguments (``softmax_dtype`` defaults to fp32 for half-precision models).
 
     Raises:
         BackendUnavailable: lm-eval is missing. ConfigError: bad mode, domain or batch size.
     """
-    return brainstacks_lm_class()(rm, mode, batch_size=batch_size, max_length=max_length, **kwargs)
+    return brainstacks_lm_class()(rm, mode, batch_size=batch_size, max_length=max_length,
+                                  mixed_batches=mixed_batches, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate_run
@@ -353,7 +485,7 @@ def _router_identity(run: Any) -> dict[str, Any] | None:
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, limit: int | float | None = None,
                  data_dir: str | os.PathLike | None = None, batch_size: int = 8, seed: int = 1234,
                  out_dir: str | os.PathLike | None = None, max_length: int | None = None,
-                 rm: Any = None) -> dict[str, Any]:
+                 rm: Any = None, mixed_batches: bool = True) -> dict[str, Any]:
     """Evaluate a run on the shipped ``bs_*`` tasks under ``mode`` and write ``<out_dir>/`` (default
     ``RUN_DIR/eval/<mode>/``): ``results.json``, ``samples_<task>.jsonl`` and, routed, ``routes.jsonl``.
 
@@ -368,6 +500,8 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
         out_dir: where to write (default ``RUN_DIR/eval/<mode>``, ``:`` in the mode replaced by ``-``).
         max_length: longest input (default ``min(2048, max_position_embeddings)``).
         rm: an already built :class:`RoutedModel` of this run (default: built from the run).
+        mixed_batches: routed mode: mixed-route batches (default) or one lm-eval pass per distinct route
+            (``False``); see the module docstring. The answers agree up to float rounding.
 
     Returns:
         The ``results.json`` dictionary.
@@ -403,9 +537,15 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
         path = task_file_path(t, data_dir)
         data_files[t] = {"file": str(path), "sha256": sha256_file(path) if path.is_file() else None}
     t0 = time.perf_counter()
+    # the router evaluated, identified before it loads (not when results are written: it may be retrained meanwhile)
+    router_identity = _router_identity(run) if mode == "routed" else None
     if rm is None:
         rm = RoutedModel.from_run(run, require_router=mode == "routed")
-    lm = brainstacks_lm(rm, mode, batch_size=batch_size, max_length=max_length)
+    loaded_sha = (getattr(rm, "router_meta", None) or {}).get("sha256")
+    if router_identity is not None and loaded_sha and loaded_sha != router_identity["weights_sha256"]:
+        logger.warning("the router changed on disk while it loaded: recording the loaded weights' sha256")
+        router_identity = {**router_identity, "weights_sha256": loaded_sha, "router_json_sha256": None}
+    lm = brainstacks_lm(rm, mode, batch_size=batch_size, max_length=max_length, mixed_batches=mixed_batches)
     loaded = tm.load(tasks)
     for task_obj in loaded["tasks"].values():  # what simple_evaluate does per task (evaluator.py:326-330)
         if task_obj.get_config("num_fewshot") is None:
@@ -451,7 +591,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
         "versions": _versions(),
         "data_files": data_files,
         "stack_identity": run.stack_identity(),
-        "router": _router_identity(run) if mode == "routed" else None,
+        "router": router_identity,
         "metrics": metrics_table(res.get("results", {})),
         "results": res.get("results", {}),
         "n_samples": res.get("n-samples", {}),
@@ -459,6 +599,8 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
         "task_versions": res.get("versions", {}),
         "task_configs": res.get("configs", {}),
         "routes": {h: r["weights"] for h, r in lm.routes.items()} if mode == "routed" else None,
+        "mixed_batches": mixed_batches if mode == "routed" else None,
+        "route_batches": dict(lm.route_batches) if mode == "routed" else None,
         "files": {"samples": {n: f"samples_{n}.jsonl" for n in logged},
                   "routes": ROUTES_FILE if mode == "routed" else None},
         "wall_time_s": {"load": round(load_s, 3), "evaluate": round(eval_s, 3)},

@@ -1,8 +1,15 @@
-"""Matplotlib figures: forgetting heatmaps, loss curves, expert utilisation."""
+"""Matplotlib figures: forgetting heatmaps, loss curves, expert utilisation, the three panels.
+
+Every figure is rendered to memory and written with :func:`~brainstacks_hooks.utils.io.atomic_write_bytes`, so
+a reader (or a crash) never sees half a PNG.
+"""
 
 from __future__ import annotations
 
+import io
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +37,20 @@ def plot_forgetting(rows: list[dict[str, Any]], path: str | os.PathLike,
                     ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
+    """Render ``fig`` as PNG and write it atomically; the figure is closed."""
+    from ..utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -96,5 +105,38 @@ def plot_expert_utilization(util: dict[str, dict[str, list[float]]], path: str |
         ax.set_title(f"{d}: top expert share", fontsize=9)
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_three_panels(losses: Mapping[str, Mapping[str, float | None]], path: str | os.PathLike,
+                      base: Mapping[str, float | None] | None = None, title: str = "held-out loss per domain") -> Path:
+    """One panel per mode (``{mode: {domain: loss}}``, e.g. prefix / ungated / routed), a bar per domain with its
+    value, on a shared y axis; ``base`` losses drawn as a dashed line over each bar (paper 5.3)."""
+    modes = list(losses)
+    domains = list(dict.fromkeys(d for per in losses.values() for d in per))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(3.4 * max(1, len(modes)), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        vals = [losses[mode].get(d) for d in domains]
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+        bars = ax.bar(range(len(domains)), heights, color=[colors(i % 10) for i in range(len(domains))])
+        for b, v in zip(bars, vals):
+            if v is not None and math.isfinite(v):
+                ax.text(b.get_x() + b.get_width() / 2, v * 0.98, f"{v:.3f}", ha="center", va="top", fontsize=7,
+                        color="white")  # inside the bar: the base line sits above or just below its top
+        if base:
+            for i, d in enumerate(domains):
+                v = base.get(d)
+                if v is not None and math.isfinite(v):
+                    ax.hlines(v, i - 0.4, i + 0.4, colors="black", linestyles="dashed", linewidth=1,
+                              label="base" if i == 0 else None)
+        ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+        ax.set_title(mode)
+    axes[0][0].set_ylabel("completion loss (lower is better)")
+    if base:
+        axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

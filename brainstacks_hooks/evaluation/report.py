@@ -2,7 +2,9 @@
 
 Everything is read from the run directory (:class:`~brainstacks_hooks.run_dir.RunDir`): the manifest (SFT and
 RL rounds, training logs), ``forgetting.json``, ``router/report.json`` (held-out routing, linear probe, loss
-table, oracle cross-domain routes, gap signal), ``eval/<mode>/results.json`` (benchmarks, delta to ``base``).
+table, oracle cross-domain routes, gap signal), ``eval/<mode>/results.json`` (benchmarks, delta to ``base``),
+``experiments/three_panels.json`` (paper 5.3: loss and generations in prefix / ungated / routed, written by
+``recipes/experiments/three_panels.py``).
 The expert utilisation (paper 4.2.3) is the one thing measured here: each domain's ``rows/sft_val`` rows through
 its own stacks (``isolated`` mode), counting the top-k selections of every expert of every projection; it is
 cached in ``report/expert_utilization.json`` (delete it, or pass ``--recompute``, to measure again).
@@ -151,6 +153,20 @@ def _eval_section(run: RunDir) -> str | None:
     return _table(["task", "metric", *modes], rows) + f"\n\n({limits}; delta to base in parentheses)"
 
 
+def _three_panels_section(run: RunDir) -> str:
+    """The three-panel tables of ``experiments/three_panels.json``, or the command that makes them."""
+    from .three_panels import EXPERIMENTS_SUBDIR, THREE_PANELS_COMMAND, THREE_PANELS_STEM, panels_markdown
+
+    path = run.path / EXPERIMENTS_SUBDIR / f"{THREE_PANELS_STEM}.json"
+    if not path.is_file():
+        return f"Not measured yet (`{THREE_PANELS_COMMAND.format(run=run.path)}`)."
+    record = read_json(path)
+    png = path.with_suffix(".png")
+    image = f"../{EXPERIMENTS_SUBDIR}/{png.name}" if png.is_file() else None
+    body = panels_markdown(record, heading=None, image=image, compact=True, max_chars=300).rstrip()
+    return body + f"\n\n(from `{path.relative_to(run.path)}`, {record.get('created')})"
+
+
 def _router_sections(report: dict[str, Any]) -> list[str]:
     parts = []
     h, p = report.get("held_out") or {}, report.get("linear_probe") or {}
@@ -242,6 +258,8 @@ def write_report(run_dir: str | os.PathLike, utilization_rows: int = 8, recomput
 
     md += ["## Benchmarks", "", _eval_section(run) or f"No evaluation yet (`brainstacks eval {run.path} --tasks "
                                                         "... --mode base`, then `--mode routed`).", ""]
+
+    md += ["## Three panels: prefix, ungated, routed (paper 5.3)", "", _three_panels_section(run), ""]
 
     md += ["## Expert utilisation", ""]
     cache = out / UTILIZATION_FILE

@@ -19,12 +19,23 @@ from safetensors.torch import load_file, save
 from ..errors import StackLoadError
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 minus the umask); ``mkstemp`` would give 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # readable like any other file the user writes
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

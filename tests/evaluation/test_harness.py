@@ -62,7 +62,8 @@ def routed_model(tmp_path, model, tok, identity: bool = False) -> RoutedModel:
 def ll_requests() -> list[Instance]:
     docs = [("Question: which gas do plants take in ?\nAnswer:", [" oxygen", " carbon dioxide", " helium"]),
             ("Question: what is the boiling point of water ?\nAnswer:", [" 50 C", " 100 C", " 150 C"]),
-            ("alpha beta", [" a", " b c"])]
+            ("alpha beta", [" a", " b c"]),
+            ("what is alpha ?\nAnswer:", [" a", " b", " c", " d"])]  # one-token choices: one shared forward
     reqs = []
     for doc_id, (ctx, choices) in enumerate(docs):
         for i, c in enumerate(choices):
@@ -97,7 +98,8 @@ def test_zero_init_stacks_in_ungated_equal_base(tmp_path):
     assert max(abs(a[0] - b[0]) for a, b in zip(base, ungated)) <= 1e-6
 
 
-ROUTES = {"Question: which": {"chat": 1.0}, "Question: what": {"chat": 0.5, "math": 0.8}, "alpha": {"math": 0.7}}
+ROUTES = {"Question: which": {"chat": 1.0}, "Question: what": {"chat": 0.5, "math": 0.8}, "alpha": {"math": 0.7},
+          "what": {"chat": 0.3}}
 
 
 def fake_route(prompts):
@@ -108,16 +110,21 @@ def fake_route(prompts):
     return out
 
 
-def test_routed_evaluation_equals_each_request_alone_under_its_route(tmp_path):
+@pytest.mark.parametrize("mixed_batches", [True, False], ids=["mixed-route-batches", "grouped-by-route"])
+def test_routed_evaluation_equals_each_request_alone_under_its_route(tmp_path, mixed_batches):
     model, tok = tiny_model(), word_tokenizer()
     rm = routed_model(tmp_path, model, tok)
     calls = []
     rm.route = lambda prompts: calls.append(list(prompts)) or fake_route(prompts)
-    lm = harness.brainstacks_lm(rm, "routed", batch_size=4)
+    lm = harness.brainstacks_lm(rm, "routed", batch_size=4, mixed_batches=mixed_batches)
     reqs = ll_requests()
-    order = [0, 3, 6, 1, 4, 7, 2, 5]  # documents interleaved: the answers must come back in this order
+    order = [0, 3, 6, 8, 1, 4, 9, 7, 2, 10, 5, 11]  # documents interleaved: answers must come back in this order
     got = lm.loglikelihood([plain(reqs)[i] for i in order])
-    assert sum(len(c) for c in calls) == 3  # each document's context routed once, shared by its choices
+    assert sum(len(c) for c in calls) == 4  # each document's context routed once, shared by its choices
+    if mixed_batches:  # one lm-eval pass: batches hold several routes, no call ran grouped
+        assert lm.route_batches["mixed"] >= 1 and lm.route_batches["grouped_calls"] == 0
+    else:
+        assert lm.route_batches == {"mixed": 0, "single": 0, "grouped_calls": 1}
     for j, i in enumerate(order):
         r = plain(reqs)[i]
         with rm.store.routed(fake_route([r.args[0]])[0].weights):
@@ -128,16 +135,38 @@ def test_routed_evaluation_equals_each_request_alone_under_its_route(tmp_path):
     assert {h: r["weights"] for h, r in lm.routes.items()} == {
         harness.context_hash(c): w for c, w in
         [(reqs[0].args[0], ROUTES["Question: which"]), (reqs[3].args[0], ROUTES["Question: what"]),
-         (reqs[6].args[0], ROUTES["alpha"])]}
-    assert set(lm.request_routes) == {("t", 0), ("t", 1), ("t", 2)}
+         (reqs[6].args[0], ROUTES["alpha"]), (reqs[8].args[0], ROUTES["what"])]}
+    assert set(lm.request_routes) == {("t", 0), ("t", 1), ("t", 2), ("t", 3)}
     assert rm.stacks.mode.kind == "train"  # the previous mode is restored
 
     gen = [Instance("generate_until", {}, (ctx, {"until": ["</s>"], "max_gen_toks": 4, "do_sample": False}), 0,
                     ("g", i, 1)) for i, ctx in enumerate(["Question: which gas", "Question: what is", "alpha"])]
+    before = dict(lm.route_batches)
     got_gen = lm.generate_until(gen)
+    if mixed_batches:  # the three contexts generate in one batch, each row under its own route
+        assert lm.route_batches["mixed"] == before["mixed"] + 1
     for g, text in zip(gen, got_gen):
         with rm.store.routed(fake_route([g.args[0]])[0].weights):
             assert HFLM.generate_until(lm, [g], disable_tqdm=True)[0] == text
+
+
+def test_mixed_batches_run_grouped_when_two_routes_share_a_model_input(tmp_path):
+    """"alpha beta" and "alpha  beta" tokenize alike: lm-eval would compute them in one forward, so the call
+    runs grouped by route and each answer is still its own route's."""
+    model, tok = tiny_model(), word_tokenizer()
+    rm = routed_model(tmp_path, model, tok)
+    routes = {"alpha beta": {"chat": 1.0}, "alpha  beta": {"math": 0.7}}
+    rm.route = lambda prompts: [Route(weights=routes[p], scores={}, gated_on=[], gap=False) for p in prompts]
+    reqs = [Instance("loglikelihood", {}, (ctx, c), i, ("t", d, 1))
+            for d, ctx in enumerate(routes) for i, c in enumerate([" a", " b c"])]
+    lm = harness.brainstacks_lm(rm, "routed", batch_size=4)
+    got = lm.loglikelihood(plain(reqs))
+    assert lm.route_batches["grouped_calls"] == 1
+    for r, g in zip(plain(reqs), got):
+        with rm.store.routed(routes[r.args[0]]):
+            alone = HFLM.loglikelihood(lm, [r], disable_tqdm=True)[0]
+        assert abs(g[0] - alone[0]) <= 1e-5 and g[1] == alone[1]
+    assert abs(got[0][0] - got[2][0]) > 1e-4  # the two routes really differ
 
 
 def test_bad_mode_and_auto_batch_size_are_refused(tmp_path):

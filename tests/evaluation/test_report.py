@@ -25,9 +25,11 @@ def test_report_of_an_sft_run_names_what_is_missing_and_reruns(run_copy):
     path = write_report(run_copy, utilization_rows=2)
     text = path.read_text()
     out = run_copy / REPORT_SUBDIR
-    for section in ("## SFT and RL rounds", "## Forgetting", "## Routing", "## Benchmarks", "## Expert utilisation"):
+    for section in ("## SFT and RL rounds", "## Forgetting", "## Routing", "## Benchmarks", "## Three panels",
+                    "## Expert utilisation"):
         assert section in text
     assert "No router yet" in text and "No evaluation yet" in text and "No RL rounds" in text
+    assert f"Not measured yet (`python recipes/experiments/three_panels.py {run_copy}`)" in text
     for png in ("loss_curves.png", "forgetting.png", "expert_utilization.png"):
         assert (out / png).stat().st_size > 1000
     m = RunDir.open(run_copy).manifest
