@@ -179,7 +179,7 @@ class StackStore:
         self.device = torch.device(device) if device is not None else self._default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
-        self.budget_bytes: int | None = default_budget_bytes(self.device) if budget_bytes == "auto" else budget_bytes
+        self._budget_bytes: int | None = default_budget_bytes(self.device) if budget_bytes == "auto" else budget_bytes
         # the hooks' pool slots live on the compute device unless frozen stacks are offloaded
         self._grouped = stacks.config.group_frozen and not stacks.config.offload_frozen
         self._cuda = self.device.type == "cuda"
@@ -204,12 +204,7 @@ class StackStore:
         self._pending_bytes = 0
         self._pool_reserved = 0  # bytes of the hooks' pool slots, counted in the budget
         self.pool_slots: int | None = None  # stacks the pools hold at most (None: unbounded)
-        if self._grouped and self.budget_bytes is not None and self.entries:
-            cost = max(e.nbytes + self._layout(e.dtype).group_nbytes for e in self.entries.values())
-            self.pool_slots = min(len(self.entries), self.budget_bytes // cost)
-            self._pool_reserved = self.pool_slots * max(self._layout(e.dtype).group_nbytes
-                                                        for e in self.entries.values())
-            stacks.pool_capacity = self.pool_slots
+        self._plan_pool()
         self._hash_pool: ThreadPoolExecutor | None = None
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._side_stream: Any = None
@@ -217,6 +212,31 @@ class StackStore:
         logger.info("stack store %s: %d stacks of %d domains, device %s, budget %s, host budget %s",
                     self.directory, len(self.entries), len(self._by_domain), self.device,
                     budget_bytes, host_budget_bytes)
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def budget_bytes(self) -> int | None:
+        """The device budget in bytes (``None``: unlimited). Setting it re-plans the pools' slots; a smaller
+        budget takes effect (evictions) at the next :meth:`activate`."""
+        return self._budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ConfigError(f"budget_bytes must be a byte count >= 0 or None (got {value!r})")
+        self._budget_bytes = value
+        self._plan_pool()
+
+    def _plan_pool(self) -> None:
+        """Pool capacity: as many stacks as the budget holds with their slots (reserved, counted in the budget)."""
+        self.pool_slots, self._pool_reserved = None, 0
+        if self._grouped and self._budget_bytes is not None and self.entries:
+            cost = max(e.nbytes + self._layout(e.dtype).group_nbytes for e in self.entries.values())
+            self.pool_slots = min(len(self.entries), self._budget_bytes // cost)
+            self._pool_reserved = self.pool_slots * max(self._layout(e.dtype).group_nbytes
+                                                        for e in self.entries.values())
+        if self._grouped:
+            self.stacks.pool_capacity = self.pool_slots
 
     # ------------------------------------------------------------------ index
     def _default_device(self) -> torch.device:

@@ -115,6 +115,24 @@ def test_budget_never_exceeded(many):
     assert (store.attached, store.resident) == before  # a refused route changes nothing
 
 
+def test_changing_the_budget_replans_the_pool_slots(many):
+    one, group = _one_stack_bytes(many), _group_bytes(many)
+    model, stacks, store = _store(many, budget_bytes=2 * (one + group))
+    assert store.pool_slots == stacks.pool_capacity == 2
+    route = {d: 1.0 for d in store.domains[:4]}
+    with pytest.raises(StackBudgetError):
+        store.activate(route)
+    store.budget_bytes = None  # unlimited: no slot limit either
+    assert store.pool_slots is None and stacks.pool_capacity is None and store.device_bytes() >= 0
+    store.activate(route)
+    logits(model, {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)})
+    assert len(stacks.frozen_stacks) == 4
+    store.budget_bytes = 5 * (one + group)
+    assert store.pool_slots == stacks.pool_capacity == 5
+    with pytest.raises(ConfigError, match="budget_bytes must be"):
+        store.budget_bytes = -1
+
+
 def test_eviction_is_lru(many):
     one, group = _one_stack_bytes(many), _group_bytes(many)
     _, _, store = _store(many, budget_bytes=3 * one + 2 * group)  # 3 stacks + the copy of a 2-stack route
