@@ -231,10 +231,12 @@ class StackStore:
         """Pool capacity: as many stacks as the budget holds with their slots (reserved, counted in the budget)."""
         self.pool_slots, self._pool_reserved = None, 0
         if self._grouped and self._budget_bytes is not None and self.entries:
-            cost = max(e.nbytes + self._layout(e.dtype).group_nbytes for e in self.entries.values())
+            # one slot table per storage dtype, each up to pool_slots: a slot is reserved for every dtype in the
+            # index (exact for the usual single-dtype index, conservative for a mixed one)
+            slot = sum(self._layout(d).group_nbytes for d in {e.dtype for e in self.entries.values()})
+            cost = max(e.nbytes for e in self.entries.values()) + slot
             self.pool_slots = min(len(self.entries), self._budget_bytes // cost)
-            self._pool_reserved = self.pool_slots * max(self._layout(e.dtype).group_nbytes
-                                                        for e in self.entries.values())
+            self._pool_reserved = self.pool_slots * slot
         if self._grouped:
             self.stacks.pool_capacity = self.pool_slots
 
@@ -418,6 +420,7 @@ class StackStore:
             self.stacks.release_frozen(cached.stack)
         self._device_tier.clear()
         self._host_tier.clear()
+        self.stacks.clear_group_cache()  # free the pools' memory too
 
     def close(self) -> None:
         """Wait for prefetches and stop the store's worker threads (the cache stays usable)."""

@@ -589,8 +589,8 @@ class BrainStacks:
         """Weighted frozen delta ``[T, d_out]`` of ``x`` ``[T, d_in]`` (``batch`` rows of T / batch tokens)."""
         if self.config.group_frozen:
             bound = plan.bound.get(key)
-            if bound is None:
-                bound = self._bind(key, plan, x.device)
+            if bound is None or (not self.config.offload_frozen and bound[0].pool.device != x.device):
+                bound = self._bind(key, plan, x.device)  # first forward of the plan, or the model was moved
             delta = None
             for b in bound:
                 dev = b.pool.device

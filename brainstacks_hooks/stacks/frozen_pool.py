@@ -31,7 +31,10 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import StackStateError
+from ..utils.logging import get_logger
 from .moe_lora import MoELoRA
+
+logger = get_logger(__name__)
 
 #: A contiguous run of slots ``[start, stop)`` and the plan positions of its slots (``None``: positions
 #: ``first .. first + n`` in order, so the route weights are a plain slice).
@@ -54,12 +57,13 @@ class SlotTable:
     def assign(self, uids: Sequence[int]) -> list[int]:
         """Slots of ``uids`` (assigning new ones to those without), marking them most recently used.
 
-        Raises:
-            StackStateError: the route has more stacks than the capacity.
+        A route with more stacks than the capacity grows the capacity (with a warning).
         """
         if self.capacity is not None and len(uids) > self.capacity:
-            raise StackStateError(f"a route of {len(uids)} frozen stacks exceeds the pool capacity of "
-                                  f"{self.capacity} slots")
+            # e.g. a store's route plus frozen stacks the store does not own: never fail the forward
+            logger.warning("a route of %d frozen stacks exceeds the pool capacity of %d slots; growing it (these "
+                           "slots are not counted in a stack store's budget)", len(uids), self.capacity)
+            self.capacity = len(uids)
         for u in uids:
             if u in self.slot_of:
                 self.slot_of.move_to_end(u)
@@ -127,8 +131,9 @@ class FrozenPool:
         self.E, self.r, self.k, self.scale = m0.num_experts, m0.rank, m0.top_k, m0.scale
         self.sparse = sparse  # B side over the chosen experts only (see _sparse_run)
         self.d_in, self.d_out = m0.in_features, m0.out_features
-        self.w_in = torch.empty(0, self.E * self.r + self.E, self.d_in, dtype=dtype, device=device)
-        self.w_out = torch.empty(0, self.E * self.r, self.d_out, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # pools outlive the call: never inference tensors
+            self.w_in = torch.empty(0, self.E * self.r + self.E, self.d_in, dtype=dtype, device=device)
+            self.w_out = torch.empty(0, self.E * self.r, self.d_out, dtype=dtype, device=device)
         self.holder: list[int | None] = []  # uid whose weights slot s holds
         self.modules: list[MoELoRA | None] = []
         self.synced = -1  # serial of the last plan synced
@@ -146,7 +151,9 @@ class FrozenPool:
         for m, u, s in zip(modules, uids, slots, strict=True):
             if self.holder[s] == u:
                 continue
-            with torch.no_grad():
+            # a slot write bumps the pool's version: a training graph still holding these views cannot backward
+            # through them any more (only a forward that brings a new stack in writes; a route switch does not)
+            with torch.inference_mode(False), torch.no_grad():
                 self.w_in[s, :Er].copy_(m.A.detach().reshape(Er, self.d_in))
                 self.w_in[s, Er:].copy_(m.router.detach())
                 self.w_out[s].copy_(m.out_weight().detach())
@@ -155,9 +162,10 @@ class FrozenPool:
 
     def _grow(self, length: int) -> None:
         c = len(self.holder)
-        w_in = self.w_in.new_empty(length, *self.w_in.shape[1:])
-        w_out = self.w_out.new_empty(length, *self.w_out.shape[1:])
-        w_in[:c], w_out[:c] = self.w_in, self.w_out
+        with torch.inference_mode(False), torch.no_grad():
+            w_in = self.w_in.new_empty(length, *self.w_in.shape[1:])
+            w_out = self.w_out.new_empty(length, *self.w_out.shape[1:])
+            w_in[:c], w_out[:c] = self.w_in, self.w_out
         self.w_in, self.w_out = w_in, w_out
         self.holder += [None] * (length - c)
         self.modules += [None] * (length - c)
@@ -235,7 +243,8 @@ class FrozenPool:
         offs = torch.bincount(expert, minlength=n * E).cumsum(0).to(torch.int32)  # [n*E] segment ends
         rows = mid.reshape(T, n, E, r).gather(2, top_idx.unsqueeze(-1).expand(T, n, K, r))  # [T, n, K, r]
         rows = (rows * gates.unsqueeze(-1).to(rows.dtype)).view(-1, r)[order]  # [T*n*K, r], by expert
-        y = torch._grouped_mm(rows, self.w_out[start:stop].view(n * E, r, self.d_out), offs=offs)  # [T*n*K, d_out]
+        b = self.w_out[start:stop].view(n * E, r, self.d_out).to(rows.dtype)  # a copy only under autocast
+        y = torch._grouped_mm(rows, b, offs=offs)  # [T*n*K, d_out]
         out = torch.zeros(T, self.d_out, dtype=y.dtype, device=y.device)
         return out.index_add_(0, order // (n * K), y), top_idx
 

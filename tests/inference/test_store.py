@@ -133,6 +133,19 @@ def test_changing_the_budget_replans_the_pool_slots(many):
         store.budget_bytes = -1
 
 
+def test_frozen_stacks_the_store_does_not_own_still_compute(many, tiny_batch):
+    one, group = _one_stack_bytes(many), _group_bytes(many)
+    model = make_tiny_llama()
+    stacks = BrainStacks.attach(model)
+    add_random_stack(stacks, "own", 5)  # a frozen stack of this session, not in the store
+    store = StackStore(stacks, many, budget_bytes=one + group)  # pool capacity: one slot
+    assert store.pool_slots == 1
+    store.activate({"d00": 1.0}, set_mode=False)
+    with stacks.ungated():  # two frozen stacks in the plan: the capacity grows instead of failing the forward
+        out = logits(model, tiny_batch)
+    assert torch.isfinite(out).all() and len(stacks.frozen_stacks) == 2
+
+
 def test_eviction_is_lru(many):
     one, group = _one_stack_bytes(many), _group_bytes(many)
     _, _, store = _store(many, budget_bytes=3 * one + 2 * group)  # 3 stacks + the copy of a 2-stack route
