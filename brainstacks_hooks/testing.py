@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 __all__ = [
+    "RECORD_REPLACES",
     "TINY_LLAMA_CONFIG",
     "CharTokenizer",
     "add_random_stack",
     "logits",
     "make_tiny_llama",
     "make_tiny_model_dir",
+    "run_script",
     "tiny_batch",
     "tiny_run_config",
 ]
@@ -186,3 +188,48 @@ def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """A reward with a spread on any model (the completion's length in characters / 100): GRPO plumbing tests
     reference it as ``brainstacks_hooks.testing:length_reward``."""
     return [len(c if isinstance(c, str) else str(c)) / 100.0 for c in completions]
+
+
+#: Start of a child script (see :func:`run_script`) that records the destination of every ``os.replace`` in the
+#: list ``writes``: each atomic write of the toolkit ends in one, so a test can count who wrote which file.
+RECORD_REPLACES = r"""
+import os
+writes, _replace = [], os.replace
+
+def recording_replace(src, dst, *args, **kwargs):
+    writes.append(os.path.abspath(os.fspath(dst)))
+    return _replace(src, dst, *args, **kwargs)
+
+os.replace = recording_replace
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: str | Path, *args: str, nproc: int = 1, timeout: int = 600) -> str:
+    """Run a Python script in a fresh process (``nproc > 1``: under ``torchrun`` with that many gloo processes on
+    this machine); returns its stdout, asserting it exited 0 (the tail of its stderr in the message).
+
+    The child gets one intra-op thread each and none of the caller's ``torch.distributed`` variables.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                     f"--master_port={_free_port()}"]
+    result = subprocess.run([*launcher, str(script), *map(str, args)], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout

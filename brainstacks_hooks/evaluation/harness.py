@@ -137,6 +137,19 @@ def _strip_pad(tokens: Sequence[int]) -> tuple[int, ...]:
     return tuple(tokens[:end])
 
 
+def _grouped(keys: Sequence[RouteKey], run_group: Callable[[RouteKey, list[int]], list[Any]]) -> list[Any]:
+    """Run the items of each distinct route together (``run_group(key, indices)`` -> their answers, in order);
+    the answers are put back in the order of ``keys``."""
+    groups: dict[RouteKey, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    out: list[Any] = [None] * len(keys)
+    for key, idx in groups.items():
+        for i, a in zip(idx, run_group(key, idx), strict=True):
+            out[i] = a
+    return out
+
+
 def _union(keys: Sequence[RouteKey]) -> dict[str, float]:
     """Every domain of ``keys`` at its largest weight (the stacks a mixed-route call must have attached)."""
     out: dict[str, float] = {}
@@ -245,22 +258,19 @@ def brainstacks_lm_class() -> type:
                     finally:
                         self._context_routes = self._row_routes = self._gen_rows = None
             self.route_batches["grouped_calls"] += 1
-            groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
-            for i, k in enumerate(keys):
-                groups.setdefault(k, []).append(i)
-            out: list[Any] = [None] * len(requests)
-            bar = tqdm(total=len(requests), disable=disable_tqdm, desc=f"{method.__name__} ({len(groups)} routes)")
+            bar = tqdm(total=len(requests), disable=disable_tqdm, desc=f"{method.__name__} ({len(set(keys))} routes)")
+
+            def run_group(key: RouteKey, idx: list[int]) -> list[Any]:
+                report = self.rm.store.activate(dict(key), set_mode=False)
+                with self._using(report.mode):
+                    answers = method([requests[i] for i in idx], disable_tqdm=True)
+                bar.update(len(idx))
+                return answers
+
             try:
-                for key, idx in groups.items():
-                    report = self.rm.store.activate(dict(key), set_mode=False)
-                    with self._using(report.mode):
-                        answers = method([requests[i] for i in idx], disable_tqdm=True)
-                    for i, a in zip(idx, answers, strict=True):
-                        out[i] = a
-                    bar.update(len(idx))
+                return _grouped(keys, run_group)
             finally:
                 bar.close()
-            return out
 
         # ---------------------------------------------------------------- mixed-route batches
         def _batch_mode(self, rows: Sequence[RouteKey]) -> Any:
@@ -293,17 +303,13 @@ def brainstacks_lm_class() -> type:
             # the same model input under two routes: lm-eval would compute it once; run grouped by route
             logger.warning("two requests share a model input but not a route: this call runs grouped by route")
             self.route_batches["grouped_calls"] += 1
-            groups: dict[RouteKey, list[int]] = {}
-            for i, (strings, _, _) in enumerate(requests):
-                groups.setdefault(routes[context_hash(str(strings[0]))], []).append(i)
-            out: list[Any] = [None] * len(requests)
-            for key, idx in groups.items():
+
+            def run_group(key: RouteKey, idx: list[int]) -> list[Any]:
                 with self._using(self._batch_mode([key])):
-                    answers = super()._loglikelihood_tokens([requests[i] for i in idx], disable_tqdm=True,
-                                                            override_bs=override_bs)
-                for i, a in zip(idx, answers, strict=True):
-                    out[i] = a
-            return out
+                    return super(BrainstacksLM, self)._loglikelihood_tokens(
+                        [requests[i] for i in idx], disable_tqdm=True, override_bs=override_bs)
+
+            return _grouped([routes[context_hash(str(strings[0]))] for strings, _, _ in requests], run_group)
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             table = self._row_routes

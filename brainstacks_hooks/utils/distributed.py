@@ -14,7 +14,6 @@ examples (features, oracle, loss table) split their batches with :func:`map_shar
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -98,13 +97,19 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
-def _portable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling, else a ``RuntimeError`` with its text."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
+def _describe(error: BaseException) -> tuple[str, str]:
+    """What the other processes need to raise ``error`` again: its class name and its message (plain strings)."""
+    return type(error).__name__, str(error)
+
+
+def _rebuild(name: str, message: str) -> BaseException:
+    """The project's error class of that name with ``message`` (a ``RuntimeError`` naming it for any other class)."""
+    from .. import errors
+
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.BrainstacksError):
+        return cls(message)
+    return RuntimeError(f"{name}: {message}")
 
 
 def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -121,11 +126,11 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None
             result = fn(*args, **kwargs)
         except Exception as e:
             error = e
-    shared = broadcast_object(_portable(error) if error is not None else None)
+    shared = broadcast_object(_describe(error) if error is not None else None)
     if error is not None:
         raise error
     if shared is not None:
-        raise shared
+        raise _rebuild(*shared)
     return result
 
 
@@ -154,12 +159,12 @@ def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         mine = [fn(x) for x in shard_of(items)]
     except Exception as e:
         error = e
-    parts = all_gather_object((mine, _portable(error) if error is not None else None))
+    parts = all_gather_object((mine, _describe(error) if error is not None else None))
     if error is not None:
         raise error
     for _, theirs in parts:
         if theirs is not None:
-            raise theirs
+            raise _rebuild(*theirs)
     return [parts[i % n][0][i // n] for i in range(len(items))]  # item i was process i % n's (i // n)-th
 
 

@@ -10,30 +10,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
+from brainstacks_hooks.testing import RECORD_REPLACES, run_script
+
 pytestmark = pytest.mark.slow
 
 #: ``brainstacks router RUN_DIR --config YAML`` in a process that records every file it replaces (each atomic write
 #: ends in ``os.replace``) and what ``prepare_router_inputs`` and ``train_router_for_run`` hand back on this rank.
-_CHILD = r"""
+_CHILD = RECORD_REPLACES + r"""
 import json, os, sys
 import torch
 out, run_dir, config = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
-writes, _replace = [], os.replace
-
-def recording_replace(src, dst, *args, **kwargs):
-    writes.append(os.path.abspath(os.fspath(dst)))
-    return _replace(src, dst, *args, **kwargs)
-
-os.replace = recording_replace
 from safetensors.torch import save_file
 import brainstacks_hooks.router.pipeline as pipeline
 import brainstacks_hooks.router.mode_losses as mode_losses
@@ -80,18 +72,6 @@ sys.exit(main(["-q", "router", run_dir, "--config", config]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(argv: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-5 * max(1.0, abs(a))
 
@@ -124,17 +104,12 @@ def test_router_pipeline_under_torchrun_equals_one_process_and_writes_once(tmp_p
     config_file.write_text(json.dumps(pcfg))  # JSON is YAML
     child = tmp_path / "router_child.py"
     child.write_text(_CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     runs = {}
     for name in ("single", "ddp"):
         (tmp_path / name).mkdir()
         runs[name] = shutil.copytree(sft.run_dir, tmp_path / name / "run")
-    out1 = _run([sys.executable, str(child), str(tmp_path / "single"), str(runs["single"]), str(config_file)], env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
-    out2 = _run([*torchrun, str(child), str(tmp_path / "ddp"), str(runs["ddp"]), str(config_file)], env)
+    out1 = run_script(child, tmp_path / "single", runs["single"], config_file)
+    out2 = run_script(child, tmp_path / "ddp", runs["ddp"], config_file, nproc=2)
     assert out1.count("   report: ") == 1 and out2.count("   report: ") == 1  # printed by the main process only
 
     one = json.loads((tmp_path / "single" / "rank0.json").read_text())

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from brainstacks_hooks.testing import RECORD_REPLACES, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -53,33 +52,16 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(argv: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
 def test_two_process_gloo_ddp_equals_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     child = tmp_path / "child.py"
     child.write_text(_CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    out1 = _run([sys.executable, str(child), str(single), "4", str(tiny_model_dir)], env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
-    out2 = _run([*torchrun, str(child), str(ddp), "2", str(tiny_model_dir)], env)
+    out1 = run_script(child, single, "4", tiny_model_dir)
+    out2 = run_script(child, ddp, "2", tiny_model_dir, nproc=2)
     assert "world 1 steps 3" in out1 and "world 2 steps 3" in out2
     a, b = load_file(single / "active.safetensors"), load_file(ddp / "active.safetensors")
     assert a.keys() == b.keys()
@@ -91,18 +73,11 @@ def test_two_process_gloo_ddp_equals_one_process_with_the_same_global_batch(tmp_
 
 #: ``brainstacks train CONFIG`` in a process that records every file it replaces (each atomic write ends in
 #: ``os.replace``) and, when ``run_sft`` returns, what it holds: manifest, digests of its stacks and bases.
-_TRAIN_CHILD = r"""
+_TRAIN_CHILD = RECORD_REPLACES + r"""
 import hashlib, json, os, sys
 import torch
 out, config, per_device = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
-writes, _replace = [], os.replace
-
-def recording_replace(src, dst, *args, **kwargs):
-    writes.append(os.path.abspath(os.fspath(dst)))
-    return _replace(src, dst, *args, **kwargs)
-
-os.replace = recording_replace
 import brainstacks_hooks.training.outer_loop as outer_loop
 from brainstacks_hooks.cli.main import main
 
@@ -156,16 +131,11 @@ def test_sft_recipe_under_torchrun_writes_the_run_once_and_equals_one_process(tm
     config_file.write_text(json.dumps(to_dict(config)))  # JSON is YAML
     child = tmp_path / "train_child.py"
     child.write_text(_TRAIN_CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    _run([sys.executable, str(child), str(single), str(config_file), "4"], env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
-    out = _run([*torchrun, str(child), str(ddp), str(config_file), "2"], env)
+    run_script(child, single, config_file, "4")
+    out = run_script(child, ddp, config_file, "2", nproc=2)
     assert out.count("zero forgetting:") == 1  # the summary table is printed by the main process only
 
     one = json.loads((single / "rank0.json").read_text())
@@ -261,11 +231,7 @@ def test_distributed_helpers_under_two_gloo_processes(tmp_path):
     evaluating every batch, in order."""
     child = tmp_path / "helpers_child.py"
     child.write_text(_HELPERS_CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", str(child), str(tmp_path)], env)
+    run_script(child, tmp_path, nproc=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["result"], r1["result"]) == ("written by 0", None)
     assert r0["error"] == r1["error"] == "bad run dir"
