@@ -67,15 +67,16 @@ def expert_utilization(run: RunDir, rows_per_domain: int = 8, batch_size: int = 
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def _fmt(v: Any, nd: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def format_cell(v: Any, nd: int = 4) -> str:
+    """A table cell: ``-`` for a missing or non-finite number, floats with ``nd`` decimals."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -191,7 +192,7 @@ def _router_sections(report: dict[str, Any]) -> list[str]:
                               rows))
     gap = report.get("gap")
     if gap:
-        trained, untrained = _fmt(gap.get("trained_domains"), 3), _fmt(gap.get("untrained_domains"), 3)
+        trained, untrained = format_cell(gap.get("trained_domains"), 3), format_cell(gap.get("untrained_domains"), 3)
         parts.append(f"Gap flag (every score at or below the gate): raised for a fraction {trained} "
                      f"of {gap.get('n_trained', 0)} in-domain prompts and {untrained} of "
                      f"{gap.get('n_untrained', 0)} prompts of untrained domains.")

@@ -23,7 +23,6 @@ one panel per mode, a bar per domain); ``brainstacks report`` shows the JSON whe
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from ..errors import ConfigError
 from ..run_dir import ROUTER_TEST, RunDir
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from ..utils.logging import get_logger
+from .report import format_cell
 
 logger = get_logger(__name__)
 
@@ -222,10 +222,6 @@ def three_panels(run_dir: str | os.PathLike, prompts: Sequence[str] | None = Non
     }
 
 
-def _fmt(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
-
-
 def panels_markdown(record: dict[str, Any], heading: str | None = "#", image: str | None = None,
                     compact: bool = False, max_chars: int | None = None) -> str:
     """The record as Markdown: the loss table, then every prompt's route and its three generations.
@@ -248,8 +244,8 @@ def panels_markdown(record: dict[str, Any], heading: str | None = "#", image: st
               "|---|---:|---:|---:|---:|---:|---:|"]
     for d, v in lp["domains"].items():
         delta = v["routed"] - v["ungated"] if v.get("routed") is not None and v.get("ungated") is not None else None
-        lines.append(f"| {d} | {v.get('n_examples')} | {_fmt(v.get('base'))} | {_fmt(v.get('prefix'))} | "
-                     f"{_fmt(v.get('ungated'))} | {_fmt(v.get('routed'))} | "
+        lines.append(f"| {d} | {v.get('n_examples')} | {format_cell(v.get('base'))} | {format_cell(v.get('prefix'))} | "
+                     f"{format_cell(v.get('ungated'))} | {format_cell(v.get('routed'))} | "
                      + ("-" if delta is None else f"{delta:+.4f}") + " |")
     if image:
         lines += ["", f"![three panels]({image})"]
