@@ -192,3 +192,13 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def heldout_prompts(run, domains: list[str], n: int) -> list[str]:
+    """The first ``n`` held-out prompts of a run (``rows/router_test``: neither SFT nor the router trained on
+    them), the domains interleaved (row 0 of each domain, then row 1, ...)."""
+    from brainstacks_hooks.run_dir import ROUTER_TEST
+
+    test = run.rows_by_domain(ROUTER_TEST)
+    depth = max((len(test.get(d, [])) for d in domains), default=0)
+    return [test[d][i]["instruction"] for i in range(depth) for d in domains if i < len(test.get(d, []))][:n]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_header, table
+from _common import heldout_prompts, print_header, table
 
 from brainstacks_hooks.data.formatting import encode_prompt_batch
 from brainstacks_hooks.inference.routed_model import RoutedModel
@@ -33,7 +33,7 @@ from brainstacks_hooks.router.config import RouterConfig
 from brainstacks_hooks.router.examples import _single_example
 from brainstacks_hooks.router.oracle import run_oracle_on_stacks
 from brainstacks_hooks.router.serialization import read_router_meta
-from brainstacks_hooks.run_dir import ROUTER_TEST, ROUTER_TRAIN, RunDir
+from brainstacks_hooks.run_dir import ROUTER_TRAIN, RunDir
 
 
 def bench_oracle(run: RunDir, n: int, repeats: int) -> list[list[str]]:
@@ -60,13 +60,7 @@ def bench_oracle(run: RunDir, n: int, repeats: int) -> list[list[str]]:
 
 def bench_generation(run: RunDir, n: int, new_tokens: int, repeats: int) -> list[list[str]]:
     rm = RoutedModel.from_run(run, require_router=True)
-    test = run.rows_by_domain(ROUTER_TEST)
-    domains = rm.store.domains
-    prompts = []
-    for i in range(n):  # round-robin over domains
-        rows = test.get(domains[i % len(domains)], [])
-        if i // len(domains) < len(rows):
-            prompts.append(rows[i // len(domains)]["instruction"])
+    prompts = heldout_prompts(run, rm.store.domains, n)
     routes = [r.weights for r in rm.route(prompts)]
     union: dict[str, float] = {}
     for w in routes:

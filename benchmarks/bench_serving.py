@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from _common import print_header, table
+from _common import heldout_prompts, print_header, table
 
 from brainstacks_hooks.data.formatting import encode_prompt_batch
 from brainstacks_hooks.inference.routed_model import GenerationSettings, RoutedModel
-from brainstacks_hooks.run_dir import ROUTER_TEST, RunDir
+from brainstacks_hooks.run_dir import RunDir
 
 
 def _route_key(w: dict[str, float]) -> str:
@@ -164,10 +164,7 @@ def main() -> None:
     print_header("Serving under mixed traffic: route switches and a routed stream", args)
     run = RunDir.open(args.run_dir)
     rm = RoutedModel.from_run(run, require_router=True)
-    test = run.rows_by_domain(ROUTER_TEST)
-    domains = rm.store.domains
-    prompts = [test[d][i]["instruction"] for i in range(max(len(v) for v in test.values()))
-               for d in domains if i < len(test.get(d, []))][: args.prompts]
+    prompts = heldout_prompts(run, rm.store.domains, args.prompts)
     parts = set(args.parts.split(","))
     if "switch" in parts:  # the held-out prompt whose encoding is closest to --switch-tokens
         lengths = [encode_prompt_batch(rm.tokenizer, [p])["input_ids"].shape[1] for p in prompts]
