@@ -78,6 +78,10 @@ def _eval(args: argparse.Namespace) -> int:
     record = evaluate_run(args.run_dir, _task_list(args.tasks), args.mode, limit=limit, data_dir=args.data_dir,
                           batch_size=args.batch_size, seed=args.seed, out_dir=args.out_dir,
                           max_length=args.max_length, mixed_batches=not args.grouped_routes)
+    from ..utils.distributed import is_main_process
+
+    if not is_main_process():  # torchrun / accelerate launch: the main process reports
+        return 0
     out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval" / args.mode.replace(":", "-")
     base_record = _base_record(out, args.mode)
     base = base_record.get("metrics") if base_record else None

@@ -28,8 +28,11 @@ def _rl(args: argparse.Namespace) -> int:
     import_peft_without_bitsandbytes()
     from ..rl.round import run_rl, summary_table
     from ..run_dir import RunDir
+    from ..utils.distributed import is_main_process
 
-    results = run_rl(config, progress=not args.quiet)
+    results = run_rl(config, progress=not args.quiet)  # torchrun / accelerate launch: every process (DDP)
+    if not is_main_process():  # the main process reports
+        return 0
     run = RunDir.open(config.run_dir)
     print(summary_table(run.manifest))
     if not results:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, ConfigError, StackStateError
+from ..utils import distributed
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -208,6 +209,20 @@ def brainstacks_lm_class() -> type:
             self._context_routes: dict[str, RouteKey] | None = None  # context hash -> route, in a mixed call
             self._row_routes: dict[tuple[int, ...], RouteKey] | None = None  # model input -> route
             self._gen_rows: list[RouteKey] | None = None  # routes of the chunk tok_batch_encode just encoded
+            if distributed.is_initialized():  # torchrun / accelerate launch: lm-eval deals the documents out by rank
+                self._rank, self._world_size = distributed.rank(), distributed.world_size()
+
+        # --------------------------------------------------- several processes
+        # HFLM's own versions go through the Accelerator it makes on the string path only; a live model has none.
+        def all_gather(self, tensor: Any) -> Any:
+            if self.world_size <= 1:
+                return tensor
+            parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, tensor.contiguous())
+            return torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts])  # as accelerate's gather
+
+        def barrier(self) -> None:
+            distributed.barrier()
 
         # ---------------------------------------------------------------- modes
         def _using(self, mode: Any):
@@ -532,11 +547,12 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
 
     from ..inference.routed_model import RoutedModel
     from ..run_dir import RunDir
-    from ..utils.io import atomic_write_json, sha256_file
+    from ..utils.io import sha256_file
     from .tasks import task_manager
 
     run = RunDir.open(run_dir)
     _parse_mode(mode, run.manifest.domain_order)  # a bad mode or domain fails before the model loads
+    distributed.init_distributed()  # torchrun / accelerate launch: before the model loads (a GPU per process)
     tm = task_manager(data_dir)  # checks the data directory
     data_files = {}
     for t in tasks:
@@ -569,50 +585,84 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
     res = evaluator.evaluate(lm=lm, task_dict=loaded, limit=None, samples=samples, cache_requests=False,
                              log_samples=True)
     eval_s = time.perf_counter() - t1
-
+    # several processes: lm-eval gathered the metrics and samples on the main process (res is None elsewhere);
+    # the routes each process decided for its documents are gathered here
+    routes, request_routes, route_batches = _gather_routes(lm)
     out = Path(out_dir) if out_dir is not None else run.eval_dir / mode.replace(":", "-")
+    info = {"run": run, "mode": mode, "tasks": tasks, "limit": limit, "seed": seed, "samples": samples,
+            "batch_size": batch_size, "lm": lm, "rm": rm, "data_files": data_files, "router": router_identity,
+            "routes": routes, "request_routes": request_routes, "route_batches": route_batches,
+            "mixed_batches": mixed_batches, "wall_time_s": {"load": round(load_s, 3), "evaluate": round(eval_s, 3)}}
+    record = distributed.broadcast_object(distributed.on_main_process(_write_results, out, res, info))
+    logger.info("evaluation %s written to %s (%.1f s)", mode, out / RESULTS_FILE, eval_s)
+    return record
+
+
+def _gather_routes(lm: Any) -> tuple[dict[str, Any], dict[tuple[Any, Any], str], dict[str, int]]:
+    """The routes, request routes and route-batch counts of every process (this process's alone when not
+    distributed), merged: each process routed the documents lm-eval dealt to it."""
+    parts = distributed.all_gather_object((lm.routes, list(lm.request_routes.items()), lm.route_batches))
+    routes: dict[str, Any] = {}
+    request_routes: dict[tuple[Any, Any], str] = {}
+    batches = dict.fromkeys(lm.route_batches, 0)
+    for theirs, requests, counts in parts:
+        routes.update(theirs)
+        request_routes.update((tuple(k), h) for k, h in requests)
+        for k, n in counts.items():
+            batches[k] = batches.get(k, 0) + n
+    return routes, request_routes, batches
+
+
+def _write_results(out: Path, res: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``results.json``, the samples and the routes log of :func:`evaluate_run` (the main process)."""
+    from ..utils.io import atomic_write_json
+
+    run, mode, samples, lm, rm = info["run"], info["mode"], info["samples"], info["lm"], info["rm"]
     out.mkdir(parents=True, exist_ok=True)
     logged = res.pop("samples", {}) or {}
-    for name, rows in logged.items():
+    for name, rows in logged.items():  # per filter in document order (several processes: gathered rank by rank)
+        filters = {f: i for i, f in reversed(list(enumerate(r.get("filter") for r in rows)))}
+        rows = sorted(rows, key=lambda r: (filters[r.get("filter")], r.get("doc_id") is None, r.get("doc_id") or 0))
         _write_jsonl(out / f"samples_{name}.jsonl", rows)
     routes_log = []
     if mode == "routed":
-        for (task, doc_id), h in sorted(lm.request_routes.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        for (task, doc_id), h in sorted(info["request_routes"].items(),
+                                        key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
             true_id = samples[task][doc_id] if samples is not None and task in samples and doc_id is not None \
                 else doc_id
-            routes_log.append({"task": task, "doc_id": true_id, "context_sha256": h, **lm.routes[h]})
+            routes_log.append({"task": task, "doc_id": true_id, "context_sha256": h, **info["routes"][h]})
         _write_jsonl(out / ROUTES_FILE, routes_log)
     record: dict[str, Any] = {
         "format_version": RESULTS_FORMAT,
         "run_dir": str(run.path),
         "mode": mode,
-        "tasks": tasks,
-        "limit": limit,
-        "seed": seed,
+        "tasks": info["tasks"],
+        "limit": info["limit"],
+        "seed": info["seed"],
         "samples": samples,
-        "batch_size": batch_size,
+        "batch_size": info["batch_size"],
+        "processes": distributed.world_size(),
         "max_length": lm.max_length,
         "softmax_dtype": str(lm.softmax_dtype) if lm.softmax_dtype is not None else None,
         "model_dtype": str(getattr(rm.model, "dtype", "")),
         "versions": _versions(),
-        "data_files": data_files,
+        "data_files": info["data_files"],
         "stack_identity": run.stack_identity(),
-        "router": router_identity,
+        "router": info["router"],
         "metrics": metrics_table(res.get("results", {})),
         "results": res.get("results", {}),
         "n_samples": res.get("n-samples", {}),
         "n_shot": res.get("n-shot", {}),
         "task_versions": res.get("versions", {}),
         "task_configs": res.get("configs", {}),
-        "routes": {h: r["weights"] for h, r in lm.routes.items()} if mode == "routed" else None,
-        "mixed_batches": mixed_batches if mode == "routed" else None,
-        "route_batches": dict(lm.route_batches) if mode == "routed" else None,
+        "routes": {h: r["weights"] for h, r in info["routes"].items()} if mode == "routed" else None,
+        "mixed_batches": info["mixed_batches"] if mode == "routed" else None,
+        "route_batches": info["route_batches"] if mode == "routed" else None,
         "files": {"samples": {n: f"samples_{n}.jsonl" for n in logged},
                   "routes": ROUTES_FILE if mode == "routed" else None},
-        "wall_time_s": {"load": round(load_s, 3), "evaluate": round(eval_s, 3)},
+        "wall_time_s": info["wall_time_s"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     record = _jsonable(record)
     atomic_write_json(out / RESULTS_FILE, record)
-    logger.info("evaluation %s written to %s (%.1f s)", mode, out / RESULTS_FILE, eval_s)
     return record

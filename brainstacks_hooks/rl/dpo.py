@@ -52,6 +52,7 @@ from ..data.formatting import IGNORE_INDEX, encode_example, format_prompt
 from ..errors import ConfigError, StackStateError
 from ..models.hardware import native_bf16
 from ..training.trainer import aux_gradient_scale, keep_active_stack_dtype
+from ..utils import distributed
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -234,6 +235,8 @@ class RLGuardCallback(TrainerCallback):
         losses, self._losses = self._losses, []
         if self._stopped:
             return control
+        if distributed.is_initialized():  # several processes: decide on every process's micro-batches alike
+            losses = [x for theirs in distributed.all_gather_object(losses) for x in theirs]
         step = state.global_step
         loss = sum(losses) / len(losses) if losses else None
         if loss is not None and not math.isfinite(loss):

@@ -24,6 +24,14 @@ The domain's SFT validation loss (``rows/sft_val``) is recorded before and after
 hashed before and after training: a change is a bug and stops the round with an error before anything is saved.
 Resume: the pairs and the pre-RL metrics are kept in ``rl/<domain>-r<k>/`` and reused; a round the manifest does
 not list restarts (its stack file name is overwritten), a recorded one is skipped.
+
+Several processes (``torchrun`` / ``accelerate launch``, one per GPU): TRL's trainer runs DDP (each process trains
+on its share of every global batch, ``per_device_train_batch_size`` is per process), so the active stack stays the
+same on every process. The main process alone samples the preference pairs, measures the GRPO rewards and the SFT
+validation loss and writes the run; the others receive what it computed. TRL's DPO evaluation runs on every
+process (sharded, gathered) and the main process's numbers are kept. The guard decides on the step's loss
+averaged over the processes and on the main process's held-out score, so every process stops, restores and
+accepts alike (``tests/rl/test_round_ddp.py``: 2 ``gloo`` processes equal one process with the same global batch).
 """
 
 from __future__ import annotations
@@ -48,8 +56,9 @@ from ..errors import ConfigError, RunDirError, TrainingError
 from ..loss import evaluate_loss, per_example_loss
 from ..run_dir import RoundRecord, RunDir, ids_hash
 from ..stacks.brainstacks import BrainStacks
+from ..utils import distributed
 from ..utils.io import atomic_write_json, read_json
-from ..utils.logging import get_logger
+from ..utils.logging import get_logger, log_on_main_process_only
 from .config import RUN_ROW_SETS, RLConfig
 
 logger = get_logger(__name__)
@@ -233,6 +242,12 @@ def _setup(run: RunDir, config: RLConfig) -> tuple[BrainStacks, Any]:
 
 
 def _sft_val_loss(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: str, n: int) -> float | None:
+    """The domain's SFT validation loss under the stacks in train mode (the main process's, on every process)."""
+    return distributed.broadcast_object(distributed.on_main_process(_sft_val_loss_here, run, stacks, tokenizer,
+                                                                    domain, n))
+
+
+def _sft_val_loss_here(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: str, n: int) -> float | None:
     if n <= 0 or not run.has_rows("sft_val"):
         return None
     rows = run.read_rows("sft_val", domain)[:n]
@@ -263,7 +278,14 @@ def _check_disjoint(train: list[dict], held_out: list[dict], config: RLConfig) -
 
 def _dpo_pairs(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
                scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
-    """Preference pairs of ``rows`` (kept as they are when they have chosen/rejected), built once per round."""
+    """Preference pairs of ``rows`` (kept as they are when they have chosen/rejected), built once per round (by
+    the main process, which samples and writes them; every process gets them)."""
+    return distributed.broadcast_object(distributed.on_main_process(_dpo_pairs_here, stacks, tokenizer, config, rows,
+                                                                    scratch, role, progress))
+
+
+def _dpo_pairs_here(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
+                    scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
     if all("chosen" in r and "rejected" in r for r in rows):
         return rows
     path = scratch / PAIRS_FILE
@@ -349,14 +371,15 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
         eval_examples = [(as_example(r["prompt_ids"], r["chosen_ids"]), as_example(r["prompt_ids"], r["rejected_ids"]))
                          for r in eval_dataset]
 
-        def measure() -> dict[str, Any]:
-            return preference_metrics(state["trainer"], stacks, eval_examples, pad, config.eval.batch_size)
+        def measure() -> dict[str, Any]:  # trainer.evaluate() is collective: every process, the main one's numbers
+            return distributed.broadcast_object(preference_metrics(state["trainer"], stacks, eval_examples, pad,
+                                                                   config.eval.batch_size))
     else:
         from .grpo import build_grpo_trainer
 
-        def measure(rows: list[dict] = eval_rows) -> dict[str, Any]:
-            metrics, state["samples"] = reward_metrics(stacks, tokenizer, rows, config.rewards, config.reward_weights,
-                                                       config.eval, progress)
+        def measure(rows: list[dict] = eval_rows) -> dict[str, Any]:  # the main process generates and scores
+            metrics, state["samples"] = distributed.broadcast_object(distributed.on_main_process(
+                reward_metrics, stacks, tokenizer, rows, config.rewards, config.reward_weights, config.eval, progress))
             return metrics
 
     before_path = scratch / BEFORE_FILE
@@ -368,7 +391,7 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     if config.guard_eval_steps > 0:
         if config.algorithm == "dpo":
             def guard_score() -> float:
-                return float(state["trainer"].evaluate()["eval_loss"])
+                return distributed.broadcast_object(float(state["trainer"].evaluate()["eval_loss"]))
         else:
             def guard_score() -> float:
                 return -float(measure(eval_rows[: config.guard_eval_rows])["score"]["mean"])
@@ -380,13 +403,15 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     state["trainer"] = trainer
 
     saved = read_json(before_path) if before_path.is_file() else {}
-    if saved.get("key") == key:
+    saved = distributed.broadcast_object(saved if saved.get("key") == key else None)  # the main process's view
+    if saved is not None:
         before = saved["metrics"]
         logger.info("%s r%d: pre-RL metrics from the interrupted session (%s)", config.domain, round_index, before_path)
     else:
         before = measure()
         before["sft_val_loss"] = _sft_val_loss(run, stacks, tokenizer, config.domain, config.eval.sft_val_rows)
-        atomic_write_json(before_path, {"key": key, "metrics": before})
+        if distributed.is_main_process():
+            atomic_write_json(before_path, {"key": key, "metrics": before})
     if guard_score is not None:  # the guard's starting point, on the rows the guard scores
         guard.best_score = guard_score() if config.algorithm == "grpo" else before["loss"]
 
@@ -428,15 +453,16 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
             "pair_source": train_rows[0].get("pair_source") if config.algorithm == "dpo" else None,
             "frozen_stacks_unchanged": True, "trainer": {k: v for k, v in config.trainer.items()}},
     )
-    if "samples" in state:
+    if "samples" in state and distributed.is_main_process():
         atomic_write_json(scratch / SAMPLES_FILE, {"after": state["samples"]})
     if accept:
         frozen = stacks.freeze_active()
-        run.save_round(config.domain, record, frozen, stacks)
+        distributed.on_main_process(run.save_round, config.domain, record, frozen, stacks)
     else:
         stacks.discard_active()
-        run.save_round(config.domain, record)
-    run.verify_stacks()  # every earlier stack file still matches the manifest's checksum
+        distributed.on_main_process(run.save_round, config.domain, record)
+    run.sync()  # several processes: the main process's manifest everywhere
+    distributed.on_main_process(run.verify_stacks)  # every earlier stack file still matches the manifest's checksum
     logger.info("%s r%d (%s): %s, held-out %s %s -> %s in %d steps (%.1f s/step)", config.domain, round_index,
                 config.algorithm, record.status, record.rl["metric"], b, a, steps, record.rl["s_per_step"])
     if (run.router_dir / "router.json").is_file() and accept:
@@ -482,6 +508,8 @@ def run_rl(config: RLConfig, progress: bool = True) -> list[RLRoundResult]:
     """
     run = RunDir.open(config.run_dir)
     m = run.manifest
+    distributed.init_distributed(cpu=bool(config.trainer.get("use_cpu", False)))  # before the model loads
+    log_on_main_process_only()
     if config.domain not in m.domain_order:
         raise RunDirError(f"{run.path}: no domain {config.domain!r} (domains: {', '.join(m.domain_order)})")
     rec = m.domain(config.domain)
