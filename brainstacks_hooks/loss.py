@@ -33,6 +33,7 @@ from .utils import distributed
 __all__ = [
     "autocast_context",
     "completion_nll",
+    "completion_token_nll",
     "eval_mode",
     "evaluate_loss",
     "per_example_loss",
@@ -59,6 +60,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def completion_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 NLL of every completion token and the row it belongs to, in row-major token order.
+
+    Args:
+        logits: ``[B, L, V]`` next-token logits (any dtype).
+        labels: ``[B, L]`` with ``-100`` on prompt and padding positions.
+
+    Returns:
+        ``(nll [K] float32, rows [K] int64)`` on the logits' device (``K`` labelled tokens in the batch).
+    """
+    target = labels[:, 1:]  # [B, L-1]: token t is predicted at position t-1
+    keep = target != IGNORE_INDEX  # [B, L-1]
+    rows = keep.nonzero(as_tuple=True)[0]  # [K] row of every labelled token
+    nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")  # [K]
+    return nll, rows
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed fp32 NLL and count of completion tokens per row.
 
@@ -69,10 +87,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     Returns:
         ``(sums [B] float64, counts [B] int64)`` on the CPU.
     """
-    target = labels[:, 1:]  # [B, L-1]: token t is predicted at position t-1
-    keep = target != IGNORE_INDEX  # [B, L-1]
-    rows = keep.nonzero(as_tuple=True)[0]  # [K] row of every labelled token
-    nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")  # [K]
+    nll, rows = completion_token_nll(logits, labels)  # [K], [K]
+    keep = labels[:, 1:] != IGNORE_INDEX  # [B, L-1]
     sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=nll.device)
     sums.index_add_(0, rows, nll.double())
     return sums.cpu(), keep.sum(1).cpu()

@@ -1,0 +1,137 @@
+"""How much of the per-example oracle's advantage a router could ever recover: the oracle cross-fitted on tokens.
+
+    python recipes/experiments/oracle_noise.py runs/quickstart [--config router_quickstart]
+
+The loss table's ``oracle`` column picks, for each held-out example, the best of the 8 candidate routes on that
+example's own answer tokens and reports the loss of the pick on the same tokens. Picking the smallest of 8 noisy
+numbers is biased low even when the routes are equally good (the winner's curse), so "recover 80 % of the gap
+between ungated and the oracle" may ask for noise. Here every example's completion tokens are split in two
+halves (even / odd positions); the route is picked on one half, by the oracle's own rule (``decide``: threshold
+0.01, the weights inference runs) and by plain argmin, and scored on the other half, both ways round. A route
+choice that carries information about the example beats ungated on the half it was not picked on; noise does not.
+
+Also printed: the best *fixed* route per domain (one route for all of the domain's examples, picked on the
+oracle's training rows of that domain), what a router that knows only the domain could do at weight 1.
+
+Needs a finished run whose router was trained (``make quickstart``): the held-out oracle rows and the router's
+routes come from ``router/val_routes.json``. One forward per (example, route), bf16 autocast as the loss table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from brainstacks_hooks.config import load_config
+from brainstacks_hooks.data.formatting import encode_example
+from brainstacks_hooks.loss import autocast_context, completion_token_nll, eval_mode
+from brainstacks_hooks.router.examples import build_router_examples
+from brainstacks_hooks.router.oracle import (
+    OracleCache,
+    all_route_keys,
+    decide,
+    executed_weights,
+    parse_route_key,
+    route_key,
+)
+from brainstacks_hooks.router.pipeline import RouterPipelineConfig
+from brainstacks_hooks.run_dir import ROUTER_TEST, ROUTER_TRAIN, SFT_TRAIN, RunDir
+from brainstacks_hooks.utils.io import read_json
+
+UNGATED, ROUTED = "<ungated>", "<routed>"
+
+
+@torch.no_grad()
+def token_losses(stacks, enc: dict, weights: dict[str, float] | None, bf16: bool) -> torch.Tensor:
+    """``[K]`` NLL of each completion token of one encoded example under ``weights`` (``None``: ungated)."""
+    model = stacks.model
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.tensor([enc["labels"]])
+    ctx = stacks.ungated() if weights is None else stacks.routed(weights)
+    with ctx, autocast_context(model, bf16):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    return completion_token_nll(logits, labels)[0].double()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--config", default="router_quickstart")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    run = RunDir.open(args.run_dir, require_finished=True)
+    cfg = load_config(RouterPipelineConfig, args.config, [f"run_dir={run.path}", "progress=false"])
+    rc = cfg.router
+    bf16 = run.run_config().train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
+    model, tok = run.load_base()
+    stacks = run.open_stacks(model)
+    domains = list(stacks.domains)
+    ex = build_router_examples(cfg, domains, run.rows_by_domain(ROUTER_TRAIN), run.rows_by_domain(SFT_TRAIN),
+                               run.rows_by_domain(ROUTER_TEST), tok)
+    by_id = {e.example_id: e for e in ex.test_oracle}
+    routed = {r["example_id"]: r for r in read_json(run.router_dir / "val_routes.json")}
+    test = [by_id[i] for i in routed if i in by_id and len(by_id[i].labels) == 1]
+    keys = all_route_keys(domains)
+
+    # per token NLL of every held-out example under the 8 oracle routes, ungated and the router's route
+    per: list[tuple[str, dict[str, torch.Tensor]]] = []
+    with eval_mode(model):
+        for n, e in enumerate(test, 1):
+            enc = encode_example(tok, e.instruction, e.input, e.output, rc.oracle_max_length)
+            losses = {k: token_losses(stacks, enc, executed_weights(parse_route_key(k), domains, rc, e.labels), bf16)
+                      for k in keys}
+            losses[UNGATED] = token_losses(stacks, enc, None, bf16)
+            losses[ROUTED] = token_losses(stacks, enc, routed[e.example_id]["weights"], bf16)
+            per.append((e.domain, losses))
+            print(f"\r{n}/{len(test)} examples", end="", flush=True)
+    print()
+
+    # the best fixed route of each domain, picked on the oracle's training rows (their cached route losses)
+    cache = OracleCache(run.router_dir / "oracle_cache")
+    fixed = {}
+    for d in domains:
+        cached = read_json(cache.path(d))["records"].values()  # the signature was checked when the router trained
+        recs = [r for r in cached if r["example_id"] not in by_id and len(r["labels"]) == 1]
+        n_tok = sum(r["n_tokens"] for r in recs)
+        fixed[d] = min(keys, key=lambda k: sum(r["n_tokens"] * r["losses"][k] for r in recs) / n_tok)
+
+    print("\n| domain | examples | tokens | ungated | routed | oracle (in-sample, as the loss table) | "
+          "oracle cross-fitted (decide) | oracle cross-fitted (argmin) | best fixed route (train rows) | "
+          "recovered vs in-sample | recovered vs cross-fitted (decide) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for d in domains:
+        rows = [losses for dom, losses in per if dom == d]
+        if not rows:
+            continue
+        tot = dict.fromkeys(("ungated", "routed", "in_sample", "cross_decide", "cross_argmin", "fixed"), 0.0)
+        n_tok = 0
+        for losses in rows:
+            k_tokens = losses[UNGATED].numel()
+            n_tok += k_tokens
+            tot["ungated"] += float(losses[UNGATED].sum())
+            tot["routed"] += float(losses[ROUTED].sum())
+            tot["fixed"] += float(losses[fixed[d]].sum())
+            full = {k: float(losses[k].mean()) for k in keys}
+            pick = route_key(decide(full, domains, rc, (d,)).route, domains)
+            tot["in_sample"] += float(losses[pick].sum())
+            halves = (torch.arange(k_tokens) % 2 == 0, torch.arange(k_tokens) % 2 == 1)
+            for pick_on, score_on in (halves, halves[::-1]):
+                table = {k: float(losses[k][pick_on].mean()) for k in keys}
+                by_rule = route_key(decide(table, domains, rc, (d,)).route, domains)
+                by_min = min(keys, key=table.__getitem__)
+                tot["cross_decide"] += float(losses[by_rule][score_on].sum())
+                tot["cross_argmin"] += float(losses[by_min][score_on].sum())
+        m = {k: v / n_tok for k, v in tot.items()}
+
+        def rec(oracle: float, m: dict = m) -> str:
+            gap = m["ungated"] - oracle
+            return f"{(m['ungated'] - m['routed']) / gap:.2f}" if gap > 0 else "no gap"
+
+        print(f"| {d} | {len(rows)} | {n_tok} | {m['ungated']:.4f} | {m['routed']:.4f} | {m['in_sample']:.4f} | "
+              f"{m['cross_decide']:.4f} | {m['cross_argmin']:.4f} | {m['fixed']:.4f} ({fixed[d] or 'chat floor'}) | "
+              f"{rec(m['in_sample'])} | {rec(m['cross_decide'])} |")
+
+
+if __name__ == "__main__":
+    main()
