@@ -88,10 +88,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         ``(sums [B] float64, counts [B] int64)`` on the CPU.
     """
     nll, rows = completion_token_nll(logits, labels)  # [K], [K]
-    keep = labels[:, 1:] != IGNORE_INDEX  # [B, L-1]
     sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=nll.device)
     sums.index_add_(0, rows, nll.double())
-    return sums.cpu(), keep.sum(1).cpu()
+    return sums.cpu(), torch.bincount(rows, minlength=labels.shape[0]).cpu()
 
 
 def completion_nll(

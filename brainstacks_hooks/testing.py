@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "RECORD_REPLACES",
+    "SFT_CHILD",
     "TINY_LLAMA_CONFIG",
     "CharTokenizer",
     "add_random_stack",
@@ -23,6 +24,7 @@ __all__ = [
     "make_tiny_llama",
     "make_tiny_model_dir",
     "run_script",
+    "save_random_router",
     "tiny_batch",
     "tiny_run_config",
 ]
@@ -142,6 +144,30 @@ def tiny_run_config(model_dir: str | Path, out: str | Path, domains=("chat", "co
     })
 
 
+def save_random_router(run_dir: str | Path, stacks: Any, *, seed: int = 0, hidden: int = 16,
+                       weight_std: float | None = None) -> None:
+    """Save an untrained :class:`~brainstacks_hooks.router.model.MetaRouter` into ``run_dir/router``, bound to the
+    run's stacks (``stacks``: a :class:`BrainStacks` attached to the run's base model, for its fingerprint).
+
+    ``weight_std``: redraw every router parameter from N(0, std) (scores spread over (0, 1): routes that differ
+    from prompt to prompt); ``None`` keeps the initialisation (scores near 0.5).
+    """
+    from .router.config import RouterConfig
+    from .router.model import MetaRouter
+    from .router.serialization import save_router
+    from .run_dir import RunDir
+
+    torch.manual_seed(seed)
+    router = MetaRouter(token_dim=stacks.model.config.hidden_size, domains=stacks.domains, hidden=hidden).eval()
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in router.parameters():
+                p.normal_(0.0, weight_std)
+    cfg = RouterConfig()
+    save_router(router, cfg, Path(run_dir) / "router", feature_recipe=cfg.feature_recipe(),
+                base_fingerprint=stacks.fingerprint_dict(), stacks=RunDir.open(run_dir).stack_index().identity())
+
+
 class ModelLoad(AssertionError):
     """Raised when anything tries to load a model while :func:`forbid_model_loads` is in force."""
 
@@ -201,6 +227,41 @@ def recording_replace(src, dst, *args, **kwargs):
     return _replace(src, dst, *args, **kwargs)
 
 os.replace = recording_replace
+"""
+
+
+#: ``brainstacks train CONFIG`` (child script arguments: ``OUT CONFIG PER_DEVICE [OVERRIDE ...]``) in a process
+#: that records every file it replaces (each atomic write ends in ``os.replace``) and, when ``run_sft``
+#: returns, what it holds: manifest, digests of its stacks and bases, in ``OUT/rank<r>.json``.
+SFT_CHILD = RECORD_REPLACES + r"""
+import hashlib, json, os, sys
+import torch
+out, config, per_device, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+torch.set_num_threads(1)
+import brainstacks_hooks.training.outer_loop as outer_loop
+from brainstacks_hooks.cli.main import main
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+run_sft = outer_loop.run_sft
+
+def recording_run_sft(*args, **kwargs):
+    result = run_sft(*args, **kwargs)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    state = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+             "manifest": result.manifest.to_dict(), "writes": writes,
+             "stacks": {f"{s.domain}-r{s.round_index}": digest(s.state_dict()) for s in result.stacks.frozen_stacks},
+             "bases": {d: digest(b) for d, b in result.stacks.null_space_bases.items()}}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(state, f)
+    return result
+
+outer_loop.run_sft = recording_run_sft
+sys.exit(main(["train", config, f"output_dir={out}/run", f"train.batch_size={per_device}", *extra]))
 """
 
 

@@ -43,6 +43,12 @@ answer of one mode would silently be reported for another. :func:`evaluate_run` 
 (metrics with stderr, library versions, tasks, data sha256, stack and router identity, routes log),
 ``samples_<task>.jsonl`` (lm-eval's per-document samples) and ``routes.jsonl`` (routed mode: one line per
 document). lm-eval is optional: ``pip install 'brainstacks-hooks[eval]'``.
+
+**Several processes** (``torchrun`` / ``accelerate launch``): lm-eval deals each task's documents out by rank
+(``lm.rank`` / ``lm.world_size``, ``evaluator.py:540-600``), every process routes and scores its share, lm-eval
+gathers the metrics and samples on the main process and :func:`evaluate_run` gathers the routes; the main process
+alone writes. lm-eval pads a lighter process with copies of its last request (even batches for DDP): those extra
+forwards are counted in ``route_batches`` and trimmed from the samples' ``resps``; the metrics never see them.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ConfigError, StackStateError
 from ..utils import distributed
-from ..utils.logging import get_logger
+from ..utils.logging import get_logger, log_on_main_process_only
 
 logger = get_logger(__name__)
 
@@ -217,9 +223,12 @@ def brainstacks_lm_class() -> type:
         def all_gather(self, tensor: Any) -> Any:
             if self.world_size <= 1:
                 return tensor
+            home = tensor.device
+            if torch.distributed.get_backend() == "nccl" and home.type != "cuda":  # nccl gathers CUDA tensors only
+                tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
             parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
             torch.distributed.all_gather(parts, tensor.contiguous())
-            return torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts])  # as accelerate's gather
+            return torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts]).to(home)  # as accelerate's gather
 
         def barrier(self) -> None:
             distributed.barrier()
@@ -401,6 +410,9 @@ def brainstacks_lm(rm: Any, mode: str = "base", *, batch_size: int = 8, max_leng
                    mixed_batches: bool = True, **kwargs: Any) -> Any:
     """An lm-eval ``HFLM`` on ``rm.model`` (the live object) running every request under ``mode``.
 
+    With an initialised ``torch.distributed`` process group the object takes the process's rank and the world
+    size, so lm-eval deals the documents out and its evaluation becomes collective: every process must run it.
+
     Args:
         rm: a :class:`~brainstacks_hooks.inference.routed_model.RoutedModel` (``model``, ``tokenizer``,
             ``stacks``, ``store``; ``route`` for routed mode).
@@ -553,6 +565,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
     run = RunDir.open(run_dir)
     _parse_mode(mode, run.manifest.domain_order)  # a bad mode or domain fails before the model loads
     distributed.init_distributed()  # torchrun / accelerate launch: before the model loads (a GPU per process)
+    log_on_main_process_only()
     tm = task_manager(data_dir)  # checks the data directory
     data_files = {}
     for t in tasks:
@@ -574,8 +587,14 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=seed)
     samples = None
+    n_docs = {name: len(t.eval_docs) for name, t in loaded["tasks"].items()}
     if limit is not None:
-        samples = seeded_samples({name: len(t.eval_docs) for name, t in loaded["tasks"].items()}, limit, seed)
+        samples = seeded_samples(n_docs, limit, seed)
+        n_docs = {name: len(ids) for name, ids in samples.items()}
+    few = {name: n for name, n in n_docs.items() if n < distributed.world_size()}
+    if few:  # a process without documents would leave lm-eval's collectives unmatched
+        raise ConfigError(f"{distributed.world_size()} processes but only {few} documents per task: every process "
+                          "needs one; raise --limit or launch fewer processes")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -623,6 +642,9 @@ def _write_results(out: Path, res: dict[str, Any], info: dict[str, Any]) -> dict
     for name, rows in logged.items():  # per filter in document order (several processes: gathered rank by rank)
         filters = {f: i for i, f in reversed(list(enumerate(r.get("filter") for r in rows)))}
         rows = sorted(rows, key=lambda r: (filters[r.get("filter")], r.get("doc_id") is None, r.get("doc_id") or 0))
+        repeats = int(((res.get("configs") or {}).get(name) or {}).get("repeats") or 1)
+        for r in rows:  # lm-eval's padding copies (several processes) appended answers to a real request
+            r["resps"] = [list(x)[:repeats] for x in r.get("resps") or []]
         _write_jsonl(out / f"samples_{name}.jsonl", rows)
     routes_log = []
     if mode == "routed":

@@ -231,6 +231,13 @@ class RLGuardCallback(TrainerCallback):
         logger.warning("RL round stopped at step %d (%s, value %s); restored the weights of step %d",
                        step, reason, value, self.best_step)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # several processes: DDP has just made every replica the main process's (the untrained stack's random A
+        # and router may differ before, e.g. after sampling on the main process alone); snapshot those weights
+        if distributed.is_initialized() and not self.history:
+            self._best = self._candidate = self._take()
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         losses, self._losses = self._losses, []
         if self._stopped:

@@ -27,11 +27,13 @@ not list restarts (its stack file name is overwritten), a recorded one is skippe
 
 Several processes (``torchrun`` / ``accelerate launch``, one per GPU): TRL's trainer runs DDP (each process trains
 on its share of every global batch, ``per_device_train_batch_size`` is per process), so the active stack stays the
-same on every process. The main process alone samples the preference pairs, measures the GRPO rewards and the SFT
-validation loss and writes the run; the others receive what it computed. TRL's DPO evaluation runs on every
-process (sharded, gathered) and the main process's numbers are kept. The guard decides on the step's loss
-averaged over the processes and on the main process's held-out score, so every process stops, restores and
-accepts alike (``tests/rl/test_round_ddp.py``: 2 ``gloo`` processes equal one process with the same global batch).
+same on every process. The main process alone samples the preference pairs, generates and scores the GRPO
+held-out completions and writes the run; the others receive what it computed. The DPO evaluation (TRL's, and the
+reference-free accuracy) and the SFT validation loss are sharded over the processes and gathered. The guard
+decides on the step's micro-batch losses of every process and on held-out scores that are the same everywhere, and
+its snapshots are taken after DDP made the replicas equal, so every process stops, restores and accepts alike
+(``tests/rl/test_round_ddp.py``: 2 ``gloo`` processes equal one process with the same global batch, also with the
+round inside the curriculum, ``domains[].rl``).
 """
 
 from __future__ import annotations
@@ -192,13 +194,15 @@ def reward_metrics(stacks: BrainStacks, tokenizer: Any, rows: list[dict[str, Any
 
 def preference_metrics(trainer: Any, stacks: BrainStacks, eval_examples: list[tuple[dict, dict]],
                        pad: int, batch_size: int) -> dict[str, Any]:
-    """TRL's held-out DPO metrics plus the reference-free preference accuracy (mean-token log-prob)."""
+    """TRL's held-out DPO metrics plus the reference-free preference accuracy (mean-token log-prob).
+
+    Collective under several processes (every process calls it and gets the same numbers)."""
     raw = trainer.evaluate()
     out = {k.removeprefix("eval_"): float(v) for k, v in raw.items()
            if isinstance(v, (int, float)) and not k.endswith(("runtime", "per_second"))}
-    with stacks.train_mode():
-        chosen = per_example_loss(stacks.model, [c for c, _ in eval_examples], pad, batch_size)
-        rejected = per_example_loss(stacks.model, [r for _, r in eval_examples], pad, batch_size)
+    with stacks.train_mode():  # both sharded over the processes (collective), gathered in order
+        chosen = per_example_loss(stacks.model, [c for c, _ in eval_examples], pad, batch_size, shard=True)
+        rejected = per_example_loss(stacks.model, [r for _, r in eval_examples], pad, batch_size, shard=True)
     wins = (chosen < rejected).float().tolist()  # lower NLL = higher log-prob
     out["reference_free_accuracy"] = _mean_stderr(wins)
     out["score"] = {"mean": -out["loss"], "n": len(eval_examples)}  # higher is better, like GRPO's
@@ -242,12 +246,7 @@ def _setup(run: RunDir, config: RLConfig) -> tuple[BrainStacks, Any]:
 
 
 def _sft_val_loss(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: str, n: int) -> float | None:
-    """The domain's SFT validation loss under the stacks in train mode (the main process's, on every process)."""
-    return distributed.broadcast_object(distributed.on_main_process(_sft_val_loss_here, run, stacks, tokenizer,
-                                                                    domain, n))
-
-
-def _sft_val_loss_here(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain: str, n: int) -> float | None:
+    """The domain's SFT validation loss under the stacks in train mode (collective: sharded over the processes)."""
     if n <= 0 or not run.has_rows("sft_val"):
         return None
     rows = run.read_rows("sft_val", domain)[:n]
@@ -256,7 +255,8 @@ def _sft_val_loss_here(run: RunDir, stacks: BrainStacks, tokenizer: Any, domain:
     if not examples:
         return None
     with stacks.train_mode():
-        return evaluate_loss(stacks.model, examples, tokenizer.pad_token_id, tr.eval_batch_size, tr.bf16)
+        return evaluate_loss(stacks.model, examples, tokenizer.pad_token_id, tr.eval_batch_size, tr.bf16,
+                             shard=True)
 
 
 def _prompt_key(row: dict[str, Any]) -> str:
@@ -280,14 +280,13 @@ def _dpo_pairs(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list
                scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
     """Preference pairs of ``rows`` (kept as they are when they have chosen/rejected), built once per round (by
     the main process, which samples and writes them; every process gets them)."""
-    return distributed.broadcast_object(distributed.on_main_process(_dpo_pairs_here, stacks, tokenizer, config, rows,
-                                                                    scratch, role, progress))
-
-
-def _dpo_pairs_here(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
-                    scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
     if all("chosen" in r and "rejected" in r for r in rows):
         return rows
+    return distributed.computed_on_main(_sample_dpo_pairs, stacks, tokenizer, config, rows, scratch, role, progress)
+
+
+def _sample_dpo_pairs(stacks: BrainStacks, tokenizer: Any, config: RLConfig, rows: list[dict],
+                      scratch: Path, role: str, progress: bool) -> list[dict[str, Any]]:
     path = scratch / PAIRS_FILE
     key = {"role": role, "ids_hash": ids_hash([str(r["id"]) for r in rows]), "pairs": asdict(config.pairs),
            "seed": config.seed}
@@ -371,15 +370,14 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
         eval_examples = [(as_example(r["prompt_ids"], r["chosen_ids"]), as_example(r["prompt_ids"], r["rejected_ids"]))
                          for r in eval_dataset]
 
-        def measure() -> dict[str, Any]:  # trainer.evaluate() is collective: every process, the main one's numbers
-            return distributed.broadcast_object(preference_metrics(state["trainer"], stacks, eval_examples, pad,
-                                                                   config.eval.batch_size))
+        def measure() -> dict[str, Any]:  # collective: TRL's evaluation and the accuracy are sharded
+            return preference_metrics(state["trainer"], stacks, eval_examples, pad, config.eval.batch_size)
     else:
         from .grpo import build_grpo_trainer
 
         def measure(rows: list[dict] = eval_rows) -> dict[str, Any]:  # the main process generates and scores
-            metrics, state["samples"] = distributed.broadcast_object(distributed.on_main_process(
-                reward_metrics, stacks, tokenizer, rows, config.rewards, config.reward_weights, config.eval, progress))
+            metrics, state["samples"] = distributed.computed_on_main(
+                reward_metrics, stacks, tokenizer, rows, config.rewards, config.reward_weights, config.eval, progress)
             return metrics
 
     before_path = scratch / BEFORE_FILE
@@ -390,8 +388,8 @@ def _run_round(run: RunDir, config: RLConfig, round_index: int, progress: bool,
     guard_score = None
     if config.guard_eval_steps > 0:
         if config.algorithm == "dpo":
-            def guard_score() -> float:
-                return distributed.broadcast_object(float(state["trainer"].evaluate()["eval_loss"]))
+            def guard_score() -> float:  # collective: gathered over the processes, the same number everywhere
+                return float(state["trainer"].evaluate()["eval_loss"])
         else:
             def guard_score() -> float:
                 return -float(measure(eval_rows[: config.guard_eval_rows])["score"]["mean"])

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, TrainingError
+from ..errors import TrainingError
 from ..loss import evaluate_loss
 from ..models.loading import load_base_model
 from ..run_config import RunConfig
@@ -128,14 +128,9 @@ def run_sft(config: RunConfig, model: Any = None, tokenizer: Any = None, refine:
         RunDirError: ``output_dir`` holds another run or one of the old layout.
         TrainingError: a domain's first round did not lower its validation loss at all.
         StackLoadError: a stack file the manifest lists is missing or corrupt.
-        ConfigError: RL rounds inside the curriculum (``refine``) under several processes.
     """
     distributed.init_distributed(cpu=use_cpu(config.train))
     log_on_main_process_only()
-    if refine is not None and distributed.world_size() > 1:
-        raise ConfigError("RL rounds inside the curriculum (domains[].rl) run in one process only; launch "
-                          "`brainstacks train` without torchrun/accelerate, or drop domains[].rl and run "
-                          "`brainstacks rl` after SFT")
     seed_everything(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model.name_or_path, backend=config.model.backend,

@@ -134,6 +134,12 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None
     return result
 
 
+def computed_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` computed by the main process alone, its result on every process (collective;
+    ``fn`` must not call collectives; the result is pickled). Not distributed: just ``fn(*args, **kwargs)``."""
+    return broadcast_object(on_main_process(fn, *args, **kwargs))
+
+
 def shard_of(items: Sequence[T]) -> Sequence[T]:
     """The items this process computes in :func:`map_sharded`: ``items[rank::world_size]`` (all of them when not
     distributed)."""
@@ -173,6 +179,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast_object",
+    "computed_on_main",
     "init_distributed",
     "is_initialized",
     "is_main_process",

@@ -1,6 +1,8 @@
 """How much of the per-example oracle's advantage a router could ever recover: the oracle cross-fitted on tokens.
 
-    python recipes/experiments/oracle_noise.py runs/quickstart [--config router_quickstart]
+    python recipes/experiments/oracle_noise.py runs/quickstart [--config router_quickstart] [overrides ...]
+
+(overrides as the router was trained, e.g. ``test_oracle_rows_per_domain=40``)
 
 The loss table's ``oracle`` column picks, for each held-out example, the best of the 8 candidate routes on that
 example's own answer tokens and reports the loss of the pick on the same tokens. Picking the smallest of 8 noisy
@@ -11,7 +13,8 @@ halves (even / odd positions); the route is picked on one half, by the oracle's 
 choice that carries information about the example beats ungated on the half it was not picked on; noise does not.
 
 Also printed: the best *fixed* route per domain (one route for all of the domain's examples, picked on the
-oracle's training rows of that domain), what a router that knows only the domain could do at weight 1.
+oracle's training rows of that domain, run at the weights inference runs for that route's target: 0.8 for a
+route's domains, 1.0 for the source domain), what a router that knows only the domain could do.
 
 Needs a finished run whose router was trained (``make quickstart``): the held-out oracle rows and the router's
 routes come from ``router/val_routes.json``. One forward per (example, route), bf16 autocast as the loss table.
@@ -46,22 +49,24 @@ UNGATED, ROUTED = "<ungated>", "<routed>"
 def token_losses(stacks, enc: dict, weights: dict[str, float] | None, bf16: bool) -> torch.Tensor:
     """``[K]`` NLL of each completion token of one encoded example under ``weights`` (``None``: ungated)."""
     model = stacks.model
-    ids = torch.tensor([enc["input_ids"]])
-    labels = torch.tensor([enc["labels"]])
+    device = next(model.parameters()).device
+    ids = torch.tensor([enc["input_ids"]], device=device)
+    labels = torch.tensor([enc["labels"]], device=device)
     ctx = stacks.ungated() if weights is None else stacks.routed(weights)
     with ctx, autocast_context(model, bf16):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-    return completion_token_nll(logits, labels)[0].double()
+    return completion_token_nll(logits, labels)[0].double().cpu()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--config", default="router_quickstart")
+    ap.add_argument("overrides", nargs="*", help="the router's config overrides, e.g. test_oracle_rows_per_domain=40")
     args = ap.parse_args()
     torch.manual_seed(0)
     run = RunDir.open(args.run_dir, require_finished=True)
-    cfg = load_config(RouterPipelineConfig, args.config, [f"run_dir={run.path}", "progress=false"])
+    cfg = load_config(RouterPipelineConfig, args.config, [f"run_dir={run.path}", "progress=false", *args.overrides])
     rc = cfg.router
     bf16 = run.run_config().train.bf16 if cfg.eval_bf16 is None else cfg.eval_bf16
     model, tok = run.load_base()
@@ -72,6 +77,8 @@ def main() -> None:
     by_id = {e.example_id: e for e in ex.test_oracle}
     routed = {r["example_id"]: r for r in read_json(run.router_dir / "val_routes.json")}
     test = [by_id[i] for i in routed if i in by_id and len(by_id[i].labels) == 1]
+    if len(test) < sum(1 for r in routed.values() if r["domain"] in domains):
+        raise SystemExit("router/val_routes.json has rows this config does not build: pass the router's overrides")
     keys = all_route_keys(domains)
 
     # per token NLL of every held-out example under the 8 oracle routes, ungated and the router's route

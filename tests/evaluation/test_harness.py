@@ -235,6 +235,17 @@ def test_evaluate_run_writes_results_samples_and_routes_with_a_seeded_subset(tmp
     assert base["samples"] == first["samples"]
 
 
+
+def test_fewer_documents_than_processes_is_a_clear_error(tmp_path, monkeypatch):
+    """Under several processes every process needs a document of every task (else lm-eval's collectives hang)."""
+    model, tok = tiny_model(), word_tokenizer()
+    rm = routed_model(tmp_path, model, tok)
+    run, data = fake_run_dir(tmp_path)
+    monkeypatch.setattr(harness.distributed, "world_size", lambda: 4)
+    with pytest.raises(ConfigError, match=r"4 processes but only .*bs_arc_easy.*: 3"):
+        harness.evaluate_run(run, ["bs_arc_easy"], "base", limit=3, data_dir=data, batch_size=4, rm=rm)
+    assert not (run / "eval").exists()
+
 def fake_route_any(prompts):
     return [Route(weights={"chat": 1.0} if "which" in p else {"math": 0.6}, scores={}, gated_on=[], gap=False)
             for p in prompts]

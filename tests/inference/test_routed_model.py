@@ -12,10 +12,8 @@ import torch
 
 from brainstacks_hooks import BrainStacks
 from brainstacks_hooks.inference.routed_model import GenerationSettings, RoutedModel
-from brainstacks_hooks.router.config import RouterConfig
-from brainstacks_hooks.router.model import MetaRouter
-from brainstacks_hooks.router.serialization import save_router
 from brainstacks_hooks.run_dir import RunDir
+from brainstacks_hooks.testing import save_random_router
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +26,7 @@ def run_dir(tiny_sft_run, tmp_path):
     """A copy of the tiny run with a (random, untrained) router saved beside it."""
     out = tmp_path / "run"
     shutil.copytree(tiny_sft_run.run_dir, out)
-    stacks = tiny_sft_run.stacks
-    torch.manual_seed(0)
-    router = MetaRouter(token_dim=stacks.model.config.hidden_size, domains=stacks.domains, hidden=16)
-    cfg = RouterConfig()
-    save_router(router, cfg, out / "router", feature_recipe=cfg.feature_recipe(),
-                base_fingerprint=stacks.fingerprint_dict(), stacks=RunDir.open(out).stack_index().identity())
+    save_random_router(out, tiny_sft_run.stacks)
     return out
 
 

@@ -150,3 +150,55 @@ def test_grpo_round_under_torchrun_runs_ddp_and_writes_once(tmp_path, ddp_sft_ru
     files = _written(main, run)
     assert files["manifest.json"] >= 1 and any(f.startswith("stacks/code-r") for f in files)
     assert any(f.endswith("metrics_before.json") for f in files) and any(f.endswith("samples.json") for f in files)
+
+
+def test_rl_inside_the_curriculum_under_torchrun_equals_one_process(tmp_path, tiny_model_dir, data_dir):
+    """``brainstacks train`` with a DPO round in chat's ``rl:`` list (chat SFT -> chat DPO -> chat null space ->
+    code), 2 gloo processes against one with the same global batches: same rounds and decisions, stacks within
+    float tolerance, every process ending alike, the run written by the main process alone."""
+    from brainstacks_hooks.config import to_dict
+    from brainstacks_hooks.run_dir import RunDir
+    from brainstacks_hooks.stacks.config import StackConfig
+    from brainstacks_hooks.testing import SFT_CHILD, tiny_run_config
+
+    config = tiny_run_config(tiny_model_dir, tmp_path / "unused", batch_size=4, max_steps=3, eval_batch_size=2)
+    config.stack = StackConfig(rank=4, aux_loss_coef=0.0, router_noise=False, router_init_std=0.5)
+    config.inner.max_inner_rounds = 1
+    child = tmp_path / "train_child.py"
+    child.write_text(SFT_CHILD)
+    runs = {}
+    for name, per_device, nproc in (("single", 4, 1), ("ddp", 2, 2)):
+        root = tmp_path / name
+        root.mkdir()
+        rl_yaml = root / "dpo_chat.yaml"
+        dpo = json.loads(json.dumps(DPO))
+        dpo["trainer"]["per_device_train_batch_size"] = per_device
+        rl_yaml.write_text(json.dumps(dpo))
+        config.domains[0].rl = [str(rl_yaml)]
+        config_file = root / "config.yaml"
+        config_file.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+        out = run_script(child, root, config_file, str(per_device), nproc=nproc)
+        assert out.count("zero forgetting:") == 1  # the summary, by the main process only
+        runs[name] = [json.loads((root / f"rank{r}.json").read_text()) for r in range(nproc)]
+    (one,), (rank0, rank1) = runs["single"], runs["ddp"]
+    assert rank1["manifest"] == rank0["manifest"] and rank1["stacks"] == rank0["stacks"]
+    assert not _written(rank1, tmp_path / "ddp" / "run")
+    assert _written(rank0, tmp_path / "ddp" / "run") == _written(one, tmp_path / "single" / "run")
+
+    def rounds(state):
+        m = state["manifest"]
+        return {d: [(r["round"], r["kind"], r["status"]) for r in m["domains"][d]["rounds"]] for d in m["domain_order"]}
+
+    assert rounds(rank0) == rounds(one)
+    assert [k for _, k, s in rounds(one)["chat"] if s == "accepted"][-1] == "dpo"  # the RL round came before code
+    from safetensors.torch import load_file
+
+    ddp_run = RunDir.open(tmp_path / "ddp" / "run", require_finished=True)
+    ref = RunDir.open(tmp_path / "single" / "run", require_finished=True)
+    ddp_run.verify_stacks()
+    for d in ref.manifest.domain_order:
+        for r in ref.manifest.accepted_rounds(d):
+            a, b = load_file(ref.path / r.file), load_file(ddp_run.path / r.file)
+            for k in a:  # as tests/training/test_ddp.py: each round trains on stacks that differ in their last bits
+                torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=3e-4,
+                                           msg=lambda m, k=k, f=r.file: f"{f}/{k}: {m}")

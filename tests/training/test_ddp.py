@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from brainstacks_hooks.testing import RECORD_REPLACES, run_script
+from brainstacks_hooks.testing import SFT_CHILD, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -71,38 +71,6 @@ def test_two_process_gloo_ddp_equals_one_process_with_the_same_global_batch(tmp_
     assert b_keys and any(a[k].abs().max() > 0 for k in b_keys)  # B starts at zero: the stack did train
 
 
-#: ``brainstacks train CONFIG`` in a process that records every file it replaces (each atomic write ends in
-#: ``os.replace``) and, when ``run_sft`` returns, what it holds: manifest, digests of its stacks and bases.
-_TRAIN_CHILD = RECORD_REPLACES + r"""
-import hashlib, json, os, sys
-import torch
-out, config, per_device = sys.argv[1], sys.argv[2], sys.argv[3]
-torch.set_num_threads(1)
-import brainstacks_hooks.training.outer_loop as outer_loop
-from brainstacks_hooks.cli.main import main
-
-def digest(tensors):
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode() + tensors[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-run_sft = outer_loop.run_sft
-
-def recording_run_sft(*args, **kwargs):
-    result = run_sft(*args, **kwargs)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    state = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-             "manifest": result.manifest.to_dict(), "writes": writes,
-             "stacks": {f"{s.domain}-r{s.round_index}": digest(s.state_dict()) for s in result.stacks.frozen_stacks},
-             "bases": {d: digest(b) for d, b in result.stacks.null_space_bases.items()}}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(state, f)
-    return result
-
-outer_loop.run_sft = recording_run_sft
-sys.exit(main(["train", config, f"output_dir={out}/run", f"train.batch_size={per_device}"]))
-"""
 
 
 def _rounds(manifest: dict) -> dict:
@@ -130,7 +98,7 @@ def test_sft_recipe_under_torchrun_writes_the_run_once_and_equals_one_process(tm
     config_file = tmp_path / "config.yaml"
     config_file.write_text(json.dumps(to_dict(config)))  # JSON is YAML
     child = tmp_path / "train_child.py"
-    child.write_text(_TRAIN_CHILD)
+    child.write_text(SFT_CHILD)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
