@@ -180,8 +180,11 @@ def _router_sections(report: dict[str, Any]) -> list[str]:
                  + _table(["metric", "router", "linear probe"], rows))
     vl = report.get("val_losses") or {}
     if vl:
-        cols = ["base", "prefix", "isolated", "ungated", "routed", "oracle", "recovered_fraction"]
-        parts.append("Loss table (held-out oracle rows; recovered = (ungated - routed) / (ungated - oracle)):\n\n"
+        cols = ["base", "prefix", "isolated", "ungated", "routed", "oracle", "recovered_fraction",
+                "oracle_cross_fitted", "recovered_cross_fitted"]
+        parts.append("Loss table (held-out oracle rows; recovered = (ungated - routed) / (ungated - oracle); "
+                     "oracle_cross_fitted: the oracle's route picked on half of each answer's tokens, scored on the "
+                     "other half):\n\n"
                      + _table(["domain", *cols], [[d, *[v.get(c) for c in cols]] for d, v in vl.items()]))
     cd = (report.get("cross_domain") or {}).get("per_domain") or {}
     if cd:

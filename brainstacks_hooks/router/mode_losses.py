@@ -3,6 +3,13 @@
 Losses come from the one evaluator (:mod:`brainstacks_hooks.loss`); every mode is evaluated one example at a
 time, so all modes see identical shapes. With ``shard=True`` under several processes the examples are dealt out
 (:func:`~brainstacks_hooks.utils.distributed.map_sharded`) and gathered back in order before the sums.
+
+**The oracle, cross-fitted** (:func:`cross_fitted_oracle_nll`). The ``oracle`` column picks each example's best
+route on that example's own answer tokens and scores it on the same tokens: the smallest of 8 noisy numbers, biased
+low even where the routes are equally good. ``oracle_cross_fitted`` picks the route by the oracle's rule on half of
+the answer tokens (even / odd positions) and scores it on the other half, both ways round: what a route choice that
+carries information about the example gains; ``recovered_cross_fitted`` is routing's share of that gap (``None``:
+ungated is not worse than the cross-fitted oracle; no gap to recover).
 """
 
 from __future__ import annotations
@@ -10,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from ..loss import completion_nll
+from ..loss import autocast_context, completion_nll, completion_token_nll, eval_mode
 from ..utils import distributed
 from .gating import Route
 from .metrics import recovered_fraction
+from .oracle import all_route_keys, decide, executed_weights, parse_route_key, route_key
 
 #: Modes of the loss table; ``isolated`` is the prompt's own domain's stacks alone, ``oracle`` the best route
 #: per example (from the oracle, run at its executed weights).
@@ -29,6 +38,44 @@ def example_nll(model: Any, example: Mapping[str, Any], bf16: bool) -> tuple[flo
     return float(sums[0]), int(counts[0])
 
 
+def cross_fitted_oracle_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[str], config: Any,
+                            bf16: bool) -> float | None:
+    """Summed NLL of the oracle's route when it is picked on the other half of the example's answer tokens.
+
+    Every candidate route runs at the weights the oracle executes (:func:`~.oracle.executed_weights` with the
+    example's ``labels``), all of them in one mixed-route forward (one row per route). The answer tokens are split
+    by position parity; :func:`~.oracle.decide` picks a route on the even tokens' mean losses, which is scored on
+    the odd tokens, and the other way round. ``None`` for an answer of fewer than 2 tokens.
+
+    Args:
+        stacks: The :class:`BrainStacks` (frozen stacks of every domain).
+        example: One encoded example (``input_ids``, ``labels``).
+        labels: The example's label domains (its source domain for a single-domain row).
+        config: The oracle's :class:`~.config.RouterConfig` (threshold, chat floor, gate, blend).
+        bf16: bf16 autocast.
+    """
+    domains = list(stacks.domains)
+    keys = all_route_keys(domains)
+    weights = [executed_weights(parse_route_key(k), domains, config, labels) for k in keys]
+    model = stacks.model
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(example["input_ids"])] * len(keys), device=device)  # [R, L]: one row per route
+    targets = torch.tensor([list(example["labels"])] * len(keys), device=device)  # [R, L]
+    with eval_mode(model), torch.no_grad(), stacks.routed_rows(weights), autocast_context(model, bf16):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits  # [R, L, V]
+    nll, _ = completion_token_nll(logits, targets)  # [R * K], row-major
+    per = nll.double().cpu().view(len(keys), -1)  # [R, K]
+    even = torch.arange(per.shape[1]) % 2 == 0  # [K]
+    if per.shape[1] < 2:
+        return None
+    total = 0.0
+    for pick_on, score_on in ((even, ~even), (~even, even)):
+        table = {k: float(per[j, pick_on].mean()) for j, k in enumerate(keys)}
+        pick = route_key(decide(table, domains, config, labels).route, domains)
+        total += float(per[keys.index(pick), score_on].sum())
+    return total
+
+
 def evaluate_val_losses(
     stacks: Any,
     val_examples: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -37,6 +84,8 @@ def evaluate_val_losses(
     progress: bool = True,
     oracle_losses: Mapping[str, Sequence[float | None]] | None = None,
     shard: bool = False,
+    oracle_config: Any = None,
+    oracle_labels: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, float]]]]:
     """Per-domain token-weighted completion loss in every mode of :data:`LOSS_MODES` (and the oracle's).
 
@@ -49,11 +98,15 @@ def evaluate_val_losses(
         oracle_losses: The oracle's best-route loss (token mean) of each example, aligned with ``val_examples``.
         shard: Split the examples over the processes of ``torch.distributed`` (collective: every process calls
             it with the same examples and routes, and gets the same table); a no-op in a single process.
+        oracle_config: The oracle's :class:`~.config.RouterConfig`: adds the cross-fitted oracle (module
+            docstring; one more forward of 8 rows per example). ``oracle_labels``: each example's label domains
+            (default: its domain).
 
     Returns:
         ``(table, per_example)``: ``table[d]`` has ``n_examples``, ``n_tokens``, one loss per mode, ``oracle``
-        and ``recovered_fraction`` = ``(ungated - routed) / (ungated - oracle)``; ``per_example[d][i]`` the
-        per-mode mean losses of example ``i``.
+        and ``recovered_fraction`` = ``(ungated - routed) / (ungated - oracle)`` (with ``oracle_config`` also
+        ``oracle_cross_fitted`` and ``recovered_cross_fitted``); ``per_example[d][i]`` the per-mode mean losses
+        of example ``i``.
     """
     table: dict[str, dict[str, Any]] = {}
     per_example: dict[str, list[dict[str, float]]] = {}
@@ -63,8 +116,8 @@ def evaluate_val_losses(
     total = len(distributed.shard_of(items)) if shard else sum(len(v) for v in val_examples.values())
     bar = tqdm(total=total, desc="router loss table", disable=not progress)
 
-    def measure(item: tuple[str, int]) -> tuple[dict[str, float], int]:
-        """Summed NLL of one example in every mode, and its completion-token count."""
+    def measure(item: tuple[str, int]) -> tuple[dict[str, float], int, float | None]:
+        """Summed NLL of one example in every mode, its completion-token count, the cross-fitted oracle's NLL."""
         d, i = item
         ex, route = val_examples[d][i], routes[d][i]
         summed: dict[str, float] = {}
@@ -82,17 +135,25 @@ def evaluate_val_losses(
                 if key not in seen:
                     seen[key] = example_nll(model, ex, bf16)
                 summed[mode], c = seen[key]
+        xfit = None
+        if oracle_config is not None:
+            labels = oracle_labels[d][i] if oracle_labels is not None else (d,)
+            xfit = cross_fitted_oracle_nll(stacks, ex, labels, oracle_config, bf16)
         bar.update(1)
-        return summed, c
+        return summed, c, xfit
 
     measured = iter(distributed.map_sharded(measure, items) if shard else (measure(x) for x in items))
     for d, exs in val_examples.items():
-        sums = dict.fromkeys((*LOSS_MODES, "oracle"), 0.0)
-        n_tok = n_oracle_tok = 0
+        sums = dict.fromkeys((*LOSS_MODES, "oracle", "xfit"), 0.0)
+        n_tok = n_oracle_tok = n_xfit_tok = 0
         rows = []
         for i in range(min(len(exs), len(routes[d]))):
-            summed, c = next(measured)
+            summed, c, xfit = next(measured)
             row: dict[str, float] = {}
+            if xfit is not None:
+                row["oracle_cross_fitted"] = xfit / max(c, 1)
+                sums["xfit"] += xfit
+                n_xfit_tok += c
             for mode in LOSS_MODES:
                 sums[mode] += summed[mode]
                 row[mode] = summed[mode] / max(c, 1)
@@ -108,6 +169,11 @@ def evaluate_val_losses(
         table[d] = {"n_examples": len(exs), "n_tokens": n_tok, **losses, "oracle": oracle,
                     "recovered_fraction": None if oracle is None else
                     recovered_fraction(oracle, losses["ungated"], losses["routed"])}
+        if oracle_config is not None:
+            xfit = sums["xfit"] / n_xfit_tok if n_xfit_tok == n_tok and n_tok else None
+            table[d]["oracle_cross_fitted"] = xfit
+            table[d]["recovered_cross_fitted"] = None if xfit is None else \
+                recovered_fraction(xfit, losses["ungated"], losses["routed"])
         per_example[d] = rows
     bar.close()
     return table, per_example

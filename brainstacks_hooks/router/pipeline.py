@@ -451,6 +451,7 @@ def train_router_for_run(
     enc_rows: dict[str, list[dict[str, Any]]] = {}
     enc_routes: dict[str, list[Route]] = {}
     enc_oracle: dict[str, list[float | None]] = {}
+    enc_labels: dict[str, list[tuple[str, ...]]] = {}
     row_ids: dict[str, list[str]] = {}
     for r, i in single_test:
         e = by_id[r.example_id]
@@ -461,10 +462,11 @@ def train_router_for_run(
         enc_rows.setdefault(r.domain, []).append(encoded[0])
         enc_routes.setdefault(r.domain, []).append(routes_to[i])
         enc_oracle.setdefault(r.domain, []).append(r.best_loss)
+        enc_labels.setdefault(r.domain, []).append(tuple(r.labels))
         row_ids.setdefault(r.domain, []).append(r.example_id)
     t0 = time.perf_counter()
     loss_table, per_example = evaluate_val_losses(stacks, enc_rows, enc_routes, bf16, cfg.progress, enc_oracle,
-                                                  shard=True)
+                                                  shard=True, oracle_config=rc, oracle_labels=enc_labels)
     eval_s = time.perf_counter() - t0
     val_routes = []
     for d in enc_rows:

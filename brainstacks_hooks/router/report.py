@@ -43,16 +43,18 @@ def summary_table(report: Mapping[str, Any]) -> str:
         f"gap flag raised: {_fmt(g.get('trained_domains'), '.2f')} of trained-domain prompts, "
         f"{_fmt(g.get('untrained_domains'), '.2f')} of untrained-domain prompts (n={g.get('n_untrained', 0)})",
         "",
-        f"{'domain':<10} {'prefix':>8} {'own':>8} {'ungated':>8} {'routed':>8} {'oracle':>8} {'base':>8} "
-        f"{'recovered':>9}  oracle top routes",
+        f"{'domain':<10} {'prefix':>8} {'own':>8} {'ungated':>8} {'routed':>8} {'oracle':>8} {'x-fit':>8} "
+        f"{'base':>8} {'recovered':>9} {'vs x-fit':>8}  oracle top routes",
     ]
     cross = report["cross_domain"].get("per_domain", {})
     for d, row in report["val_losses"].items():
         c = cross.get(d, {})
         routes = ", ".join(f"{k} {n}" for k, n in c.get("top_routes", [])[:3])
         lines.append(f"{d:<10} {_fmt(row['prefix']):>8} {_fmt(row.get('isolated')):>8} {_fmt(row['ungated']):>8} "
-                     f"{_fmt(row['routed']):>8} {_fmt(row.get('oracle')):>8} {_fmt(row['base']):>8} "
-                     f"{_fmt(row['recovered_fraction'], '.2f'):>9}  {routes}")
+                     f"{_fmt(row['routed']):>8} {_fmt(row.get('oracle')):>8} "
+                     f"{_fmt(row.get('oracle_cross_fitted')):>8} {_fmt(row['base']):>8} "
+                     f"{_fmt(row['recovered_fraction'], '.2f'):>9} {_fmt(row.get('recovered_cross_fitted'), '.2f'):>8}"
+                     f"  {routes}")
     f, rt, gen = t.get("features_ms_per_prompt"), t.get("router_ms_per_prompt"), t.get("generate_ms_per_prompt")
     timing = (f"timing (median per prompt): features {_fmt(f and f['median'], '.1f')} ms + router "
               f"{_fmt(rt and rt['median'], '.2f')} ms")
@@ -62,5 +64,6 @@ def summary_table(report: Mapping[str, Any]) -> str:
         timing += f"; oracle {t['oracle_examples_per_min']:.1f} examples/min"
     lines += ["", timing,
               "(own = the domain's stacks alone; oracle = best route per example; recovered = (ungated - routed) / "
-              "(ungated - oracle))"]
+              "(ungated - oracle); x-fit = the oracle's route picked on half of each answer's tokens and scored on "
+              "the other half: the recoverable part; '-' = no gap)"]
     return "\n".join(lines)

@@ -84,13 +84,16 @@ def test_report_has_every_field(router_run, sft_run):
         for mode in LOSS_MODES:
             assert math.isfinite(row[mode])
         assert row["recovered_fraction"] == recovered_fraction(row["oracle"], row["ungated"], row["routed"])
+        assert math.isfinite(row["oracle_cross_fitted"])
+        assert row["recovered_cross_fitted"] == recovered_fraction(row["oracle_cross_fitted"], row["ungated"],
+                                                                   row["routed"])
     t = report["timing"]
     assert t["features_ms_per_prompt"]["n"] == 1 and t["router_ms_per_prompt"]["median"] >= 0
     assert t["generate_ms_per_prompt"]["n"] == 1 and t["generation_tokens"] == 2
     assert report["router"]["best_epoch"] in (1, 2) and len(report["router"]["history"]) == 2
     assert report["oracle"]["search"] == "exhaustive" and report["oracle"]["n_computed"] > 0
     text = summary_table(report)
-    assert "chat" in text and "recovered" in text
+    assert "chat" in text and "recovered" in text and "x-fit" in text
 
 
 def test_router_saved_and_loaded_with_the_stacks_fingerprint(router_run, sft_run):
