@@ -14,7 +14,7 @@ ungated is not worse than the cross-fitted oracle; no gap to recover).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,14 +38,12 @@ def example_nll(model: Any, example: Mapping[str, Any], bf16: bool) -> tuple[flo
     return float(sums[0]), int(counts[0])
 
 
-def cross_fitted_oracle_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[str], config: Any,
-                            bf16: bool) -> float | None:
-    """Summed NLL of the oracle's route when it is picked on the other half of the example's answer tokens.
+def route_token_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[str], config: Any,
+                    bf16: bool) -> tuple[list[str], torch.Tensor]:
+    """Per-token NLL of one example's answer under every candidate route of the oracle.
 
-    Every candidate route runs at the weights the oracle executes (:func:`~.oracle.executed_weights` with the
-    example's ``labels``), all of them in one mixed-route forward (one row per route). The answer tokens are split
-    by position parity; :func:`~.oracle.decide` picks a route on the even tokens' mean losses, which is scored on
-    the odd tokens, and the other way round. ``None`` for an answer of fewer than 2 tokens.
+    Every route runs at the weights the oracle executes (:func:`~.oracle.executed_weights` with the example's
+    ``labels``), all of them in one mixed-route forward (one row per route).
 
     Args:
         stacks: The :class:`BrainStacks` (frozen stacks of every domain).
@@ -53,6 +51,9 @@ def cross_fitted_oracle_nll(stacks: Any, example: Mapping[str, Any], labels: Seq
         labels: The example's label domains (its source domain for a single-domain row).
         config: The oracle's :class:`~.config.RouterConfig` (threshold, chat floor, gate, blend).
         bf16: bf16 autocast.
+
+    Returns:
+        ``(route keys, nll [R, K] float64 on the CPU)``, ``K`` the answer's tokens in order.
     """
     domains = list(stacks.domains)
     keys = all_route_keys(domains)
@@ -64,16 +65,32 @@ def cross_fitted_oracle_nll(stacks: Any, example: Mapping[str, Any], labels: Seq
     with eval_mode(model), torch.no_grad(), stacks.routed_rows(weights), autocast_context(model, bf16):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits  # [R, L, V]
     nll, _ = completion_token_nll(logits, targets)  # [R * K], row-major
-    per = nll.double().cpu().view(len(keys), -1)  # [R, K]
-    even = torch.arange(per.shape[1]) % 2 == 0  # [K]
-    if per.shape[1] < 2:
-        return None
+    return keys, nll.double().cpu().view(len(keys), -1)
+
+
+def cross_fitted_nll(nll: torch.Tensor, keys: Sequence[str], choose: Callable[[dict[str, float]], str]) -> float:
+    """Summed NLL of the route ``choose`` picks from one half of the tokens' mean losses, scored on the other half.
+
+    ``nll [R, K]`` (rows in the order of ``keys``) is split by token parity; ``choose({key: mean loss})`` picks a
+    route on the even tokens, scored on the odd ones, and the other way round (``K >= 2``).
+    """
+    even = torch.arange(nll.shape[1]) % 2 == 0  # [K]
     total = 0.0
     for pick_on, score_on in ((even, ~even), (~even, even)):
-        table = {k: float(per[j, pick_on].mean()) for j, k in enumerate(keys)}
-        pick = route_key(decide(table, domains, config, labels).route, domains)
-        total += float(per[keys.index(pick), score_on].sum())
+        pick = choose({k: float(nll[j, pick_on].mean()) for j, k in enumerate(keys)})
+        total += float(nll[list(keys).index(pick), score_on].sum())
     return total
+
+
+def cross_fitted_oracle_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[str], config: Any,
+                            bf16: bool) -> float | None:
+    """Summed NLL of the oracle's route (:func:`~.oracle.decide`) picked on the other half of the example's
+    answer tokens (:func:`route_token_nll`, :func:`cross_fitted_nll`); ``None`` for fewer than 2 answer tokens."""
+    domains = list(stacks.domains)
+    keys, nll = route_token_nll(stacks, example, labels, config, bf16)
+    if nll.shape[1] < 2:
+        return None
+    return cross_fitted_nll(nll, keys, lambda table: route_key(decide(table, domains, config, labels).route, domains))
 
 
 def evaluate_val_losses(

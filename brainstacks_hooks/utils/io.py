@@ -78,11 +78,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a serialized safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a hash map, in an order that changes from one process to the next, so
+    the same tensors and metadata gave files (and sha256 identities) that differ. The sorted object has the same
+    length, so only those bytes of the header change; anything unexpected leaves ``data`` as it is.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].decode("utf-8")
+    meta = json.loads(header, object_pairs_hook=dict).get("__metadata__")
+    if not isinstance(meta, dict) or len(meta) < 2:
+        return data
+    as_written = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+    ordered = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+    if header.count(as_written) != 1 or len(ordered) != len(as_written):
+        return data
+    fixed = header.replace(as_written, ordered).encode("utf-8")
+    return data[:8] + fixed + data[8 + n :] if len(fixed) == n else data
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> str:
-    """Save tensors as safetensors atomically and return the file's sha256."""
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    """Save tensors as safetensors atomically and return the file's sha256 (the same tensors and metadata
+    always give the same bytes)."""
+    data = _sorted_metadata(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

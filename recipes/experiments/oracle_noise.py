@@ -30,14 +30,8 @@ from brainstacks_hooks.config import load_config
 from brainstacks_hooks.data.formatting import encode_example
 from brainstacks_hooks.loss import autocast_context, completion_token_nll, eval_mode
 from brainstacks_hooks.router.examples import build_router_examples
-from brainstacks_hooks.router.oracle import (
-    OracleCache,
-    all_route_keys,
-    decide,
-    executed_weights,
-    parse_route_key,
-    route_key,
-)
+from brainstacks_hooks.router.mode_losses import cross_fitted_nll, route_token_nll
+from brainstacks_hooks.router.oracle import OracleCache, all_route_keys, decide, route_key
 from brainstacks_hooks.router.pipeline import RouterPipelineConfig
 from brainstacks_hooks.run_dir import ROUTER_TEST, ROUTER_TRAIN, SFT_TRAIN, RunDir
 from brainstacks_hooks.utils.io import read_json
@@ -81,13 +75,13 @@ def main() -> None:
         raise SystemExit("router/val_routes.json has rows this config does not build: pass the router's overrides")
     keys = all_route_keys(domains)
 
-    # per token NLL of every held-out example under the 8 oracle routes, ungated and the router's route
+    # per token NLL of every held-out example under the 8 oracle routes (one mixed-route forward), ungated, routed
     per: list[tuple[str, dict[str, torch.Tensor]]] = []
     with eval_mode(model):
         for n, e in enumerate(test, 1):
             enc = encode_example(tok, e.instruction, e.input, e.output, rc.oracle_max_length)
-            losses = {k: token_losses(stacks, enc, executed_weights(parse_route_key(k), domains, rc, e.labels), bf16)
-                      for k in keys}
+            route_keys, nll = route_token_nll(stacks, enc, e.labels, rc, bf16)  # [8, K]
+            losses = dict(zip(route_keys, nll, strict=True))
             losses[UNGATED] = token_losses(stacks, enc, None, bf16)
             losses[ROUTED] = token_losses(stacks, enc, routed[e.example_id]["weights"], bf16)
             per.append((e.domain, losses))
@@ -122,13 +116,10 @@ def main() -> None:
             full = {k: float(losses[k].mean()) for k in keys}
             pick = route_key(decide(full, domains, rc, (d,)).route, domains)
             tot["in_sample"] += float(losses[pick].sum())
-            halves = (torch.arange(k_tokens) % 2 == 0, torch.arange(k_tokens) % 2 == 1)
-            for pick_on, score_on in (halves, halves[::-1]):
-                table = {k: float(losses[k][pick_on].mean()) for k in keys}
-                by_rule = route_key(decide(table, domains, rc, (d,)).route, domains)
-                by_min = min(keys, key=table.__getitem__)
-                tot["cross_decide"] += float(losses[by_rule][score_on].sum())
-                tot["cross_argmin"] += float(losses[by_min][score_on].sum())
+            nll = torch.stack([losses[k] for k in keys])  # [8, K]
+            by_rule = lambda t, d=d: route_key(decide(t, domains, rc, (d,)).route, domains)  # noqa: E731
+            tot["cross_decide"] += cross_fitted_nll(nll, keys, by_rule)
+            tot["cross_argmin"] += cross_fitted_nll(nll, keys, lambda t: min(t, key=t.__getitem__))
         m = {k: v / n_tok for k, v in tot.items()}
 
         def rec(oracle: float, m: dict = m) -> str:

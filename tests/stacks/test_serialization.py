@@ -176,3 +176,19 @@ def test_bad_index_is_rejected_by_both_loaders(saved, edit, match):
     stacks = BrainStacks.attach(model)
     with pytest.raises(StackLoadError, match=match):
         StackStore(stacks, path)
+
+
+def test_the_same_tensors_and_metadata_always_give_the_same_file(tmp_path):
+    """safetensors writes metadata from a hash map in a varying order; the toolkit's files (whose sha256 is the
+    identity of a stack or router) must not change with it."""
+    from safetensors import safe_open
+
+    from brainstacks_hooks.utils.io import save_safetensors_atomic
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+    meta = {"kind": "brainstacks_stack", "format": "pt", "domain": "chat", "round": "1", "é": "ü"}
+    shas = {save_safetensors_atomic(tensors, tmp_path / f"s{i}.safetensors", metadata=meta) for i in range(16)}
+    assert len(shas) == 1
+    with safe_open(str(tmp_path / "s0.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta
+        assert torch.equal(f.get_tensor("w"), tensors["w"]) and torch.equal(f.get_tensor("b"), tensors["b"])
