@@ -5,11 +5,13 @@ time, so all modes see identical shapes. With ``shard=True`` under several proce
 (:func:`~brainstacks_hooks.utils.distributed.map_sharded`) and gathered back in order before the sums.
 
 **The oracle, cross-fitted** (:func:`cross_fitted_oracle_nll`). The ``oracle`` column picks each example's best
-route on that example's own answer tokens and scores it on the same tokens: the smallest of 8 noisy numbers, biased
-low even where the routes are equally good. ``oracle_cross_fitted`` picks the route by the oracle's rule on half of
-the answer tokens (even / odd positions) and scores it on the other half, both ways round: what a route choice that
-carries information about the example gains; ``recovered_cross_fitted`` is routing's share of that gap (``None``:
-ungated is not worse than the cross-fitted oracle; no gap to recover).
+route on that example's own answer tokens and scores it on the same tokens: the smallest of ``2^domains`` noisy
+numbers, biased low even where the routes are equally good. ``oracle_cross_fitted`` picks the route by the oracle's
+rule on half of the answer tokens (even / odd positions) and scores it on the other half, both ways round. It is a
+reference, not a bound: the pick sees the interleaved neighbours of the tokens it is scored on (information a
+prompt-only router never has), and it picks on half the tokens (noisier). ``recovered_cross_fitted`` is routing's
+share of the gap to it (``None``: ungated is not worse, or it was not computed); a small gap makes the ratio large
+and unstable, so read it next to the losses.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def route_token_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[st
     """Per-token NLL of one example's answer under every candidate route of the oracle.
 
     Every route runs at the weights the oracle executes (:func:`~.oracle.executed_weights` with the example's
-    ``labels``), all of them in one mixed-route forward (one row per route).
+    ``labels``), in mixed-route forwards of at most ``config.oracle_batch_size`` rows (one row per route; the
+    oracle's own forwards batch other rows together, so under bf16 the two differ by rounding).
 
     Args:
         stacks: The :class:`BrainStacks` (frozen stacks of every domain).
@@ -53,27 +56,38 @@ def route_token_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[st
         bf16: bf16 autocast.
 
     Returns:
-        ``(route keys, nll [R, K] float64 on the CPU)``, ``K`` the answer's tokens in order.
+        ``(route keys, nll [R, K] float64 on the CPU)``: ``R = 2^domains`` routes, ``K`` the answer's tokens.
     """
     domains = list(stacks.domains)
     keys = all_route_keys(domains)
     weights = [executed_weights(parse_route_key(k), domains, config, labels) for k in keys]
     model = stacks.model
     device = next(model.parameters()).device
-    ids = torch.tensor([list(example["input_ids"])] * len(keys), device=device)  # [R, L]: one row per route
-    targets = torch.tensor([list(example["labels"])] * len(keys), device=device)  # [R, L]
-    with eval_mode(model), torch.no_grad(), stacks.routed_rows(weights), autocast_context(model, bf16):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits  # [R, L, V]
-    nll, _ = completion_token_nll(logits, targets)  # [R * K], row-major
-    return keys, nll.double().cpu().view(len(keys), -1)
+    step = max(1, int(getattr(config, "oracle_batch_size", len(keys))))
+    parts = []
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(keys), step):
+            chunk = weights[start : start + step]
+            ids = torch.tensor([list(example["input_ids"])] * len(chunk), device=device)  # [b, L]: a row per route
+            targets = torch.tensor([list(example["labels"])] * len(chunk), device=device)  # [b, L]
+            with stacks.routed_rows(chunk), autocast_context(model, bf16):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            nll, _ = completion_token_nll(logits, targets)  # [b * K], row-major (the rows are identical)
+            parts.append(nll.double().cpu().reshape(len(chunk), nll.numel() // len(chunk)))  # [b, K]
+    return keys, torch.cat(parts)  # [R, K]
 
 
 def cross_fitted_nll(nll: torch.Tensor, keys: Sequence[str], choose: Callable[[dict[str, float]], str]) -> float:
     """Summed NLL of the route ``choose`` picks from one half of the tokens' mean losses, scored on the other half.
 
     ``nll [R, K]`` (rows in the order of ``keys``) is split by token parity; ``choose({key: mean loss})`` picks a
-    route on the even tokens, scored on the odd ones, and the other way round (``K >= 2``).
+    route on the even tokens, scored on the odd ones, and the other way round.
+
+    Raises:
+        ValueError: fewer than 2 tokens (one half would be empty).
     """
+    if nll.shape[1] < 2:
+        raise ValueError(f"cross-fitting needs at least 2 tokens, got {nll.shape[1]}")
     even = torch.arange(nll.shape[1]) % 2 == 0  # [K]
     total = 0.0
     for pick_on, score_on in ((even, ~even), (~even, even)):

@@ -65,5 +65,6 @@ def summary_table(report: Mapping[str, Any]) -> str:
     lines += ["", timing,
               "(own = the domain's stacks alone; oracle = best route per example; recovered = (ungated - routed) / "
               "(ungated - oracle); x-fit = the oracle's route picked on half of each answer's tokens and scored on "
-              "the other half: the recoverable part; '-' = no gap)"]
+              "the other half, a reference for what a route choice gains beyond noise; vs x-fit = (ungated - routed) / "
+              "(ungated - x-fit); '-' = not computed or ungated not worse (no gap))"]
     return "\n".join(lines)

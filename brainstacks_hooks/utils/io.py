@@ -83,11 +83,12 @@ def _sorted_metadata(data: bytes) -> bytes:
 
     safetensors writes the metadata from a hash map, in an order that changes from one process to the next, so
     the same tensors and metadata gave files (and sha256 identities) that differ. The sorted object has the same
-    length, so only those bytes of the header change; anything unexpected leaves ``data`` as it is.
+    length, so only those bytes of the header change; a header other than the expected one (the metadata object
+    not found exactly once) leaves ``data`` as it is. ``data`` must come from ``safetensors.torch.save``.
     """
     n = int.from_bytes(data[:8], "little")
     header = data[8 : 8 + n].decode("utf-8")
-    meta = json.loads(header, object_pairs_hook=dict).get("__metadata__")
+    meta = json.loads(header).get("__metadata__")
     if not isinstance(meta, dict) or len(meta) < 2:
         return data
     as_written = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)

@@ -17,7 +17,8 @@ oracle's training rows of that domain, run at the weights inference runs for tha
 route's domains, 1.0 for the source domain), what a router that knows only the domain could do.
 
 Needs a finished run whose router was trained (``make quickstart``): the held-out oracle rows and the router's
-routes come from ``router/val_routes.json``. One forward per (example, route), bf16 autocast as the loss table.
+routes come from ``router/val_routes.json``. The 8 routes of an example in mixed-route forwards (the loss table's
+``route_token_nll``), ungated and routed one forward each, bf16 autocast as the loss table.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> None:
     keys = all_route_keys(domains)
 
     # per token NLL of every held-out example under the 8 oracle routes (one mixed-route forward), ungated, routed
-    per: list[tuple[str, dict[str, torch.Tensor]]] = []
+    per: list[tuple[str, tuple[str, ...], dict[str, torch.Tensor]]] = []
     with eval_mode(model):
         for n, e in enumerate(test, 1):
             enc = encode_example(tok, e.instruction, e.input, e.output, rc.oracle_max_length)
@@ -84,7 +85,7 @@ def main() -> None:
             losses = dict(zip(route_keys, nll, strict=True))
             losses[UNGATED] = token_losses(stacks, enc, None, bf16)
             losses[ROUTED] = token_losses(stacks, enc, routed[e.example_id]["weights"], bf16)
-            per.append((e.domain, losses))
+            per.append((e.domain, tuple(e.labels), losses))
             print(f"\r{n}/{len(test)} examples", end="", flush=True)
     print()
 
@@ -102,22 +103,22 @@ def main() -> None:
           "recovered vs in-sample | recovered vs cross-fitted (decide) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d in domains:
-        rows = [losses for dom, losses in per if dom == d]
+        rows = [(lab, losses) for dom, lab, losses in per if dom == d]
         if not rows:
             continue
         tot = dict.fromkeys(("ungated", "routed", "in_sample", "cross_decide", "cross_argmin", "fixed"), 0.0)
         n_tok = 0
-        for losses in rows:
+        for labels, losses in rows:
             k_tokens = losses[UNGATED].numel()
             n_tok += k_tokens
             tot["ungated"] += float(losses[UNGATED].sum())
             tot["routed"] += float(losses[ROUTED].sum())
             tot["fixed"] += float(losses[fixed[d]].sum())
             full = {k: float(losses[k].mean()) for k in keys}
-            pick = route_key(decide(full, domains, rc, (d,)).route, domains)
+            pick = route_key(decide(full, domains, rc, labels).route, domains)
             tot["in_sample"] += float(losses[pick].sum())
             nll = torch.stack([losses[k] for k in keys])  # [8, K]
-            by_rule = lambda t, d=d: route_key(decide(t, domains, rc, (d,)).route, domains)  # noqa: E731
+            by_rule = lambda t, lab=labels: route_key(decide(t, domains, rc, lab).route, domains)  # noqa: E731
             tot["cross_decide"] += cross_fitted_nll(nll, keys, by_rule)
             tot["cross_argmin"] += cross_fitted_nll(nll, keys, lambda t: min(t, key=t.__getitem__))
         m = {k: v / n_tok for k, v in tot.items()}

@@ -157,7 +157,7 @@ def test_router_pipeline_under_torchrun_equals_one_process_and_writes_once(tmp_p
     for d, row in one["report"]["val_losses"].items():
         theirs = rank0["report"]["val_losses"][d]
         assert row["n_examples"] == theirs["n_examples"] and row["n_tokens"] == theirs["n_tokens"]
-        for mode in ("prefix", "isolated", "ungated", "routed", "base"):
+        for mode in ("prefix", "isolated", "ungated", "routed", "base", "oracle_cross_fitted"):
             assert _close(theirs[mode], row[mode]), (d, mode)
     for key in ("held_out", "validation", "data", "oracle"):
         assert rank0["report"][key].keys() == one["report"][key].keys()
