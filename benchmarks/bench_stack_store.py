@@ -196,7 +196,7 @@ def rss_worker(directory: Path) -> dict:
     base_rss, _ = _rss_kib()
     probe = StackStore(stacks, directory)
     one = next(iter(probe)).nbytes
-    budget = probe.route_nbytes({_domain(0): 1.0, _domain(1): 0.5})  # two stacks + their grouped copy
+    budget = probe.route_nbytes({_domain(0): 1.0, _domain(1): 0.5})  # two stacks + their pool slots
     stacks.detach()
     stacks = BrainStacks.attach(model, CONFIG)
     store = StackStore(stacks, directory, budget_bytes=budget)
@@ -298,9 +298,9 @@ def main() -> None:
     for r in results["attach"]:
         print(f"| {r['on_disk']} | {r['init_ms']:.1f} | {r['switch_hit_ms']:.2f} / {r['switch_hit_p90_ms']:.2f} | "
               f"{r['switch_miss_ms']:.1f} |")
-    print("\n### Resident memory (fresh process each, budget = 2 stacks + their grouped copy)\n")
+    print("\n### Resident memory (fresh process each, budget = 2 stacks + their pool slots)\n")
     print("| stacks on disk | RSS model only MB | RSS after route MB | resident_bytes MB | RSS after cycling MB | "
-          "peak RSS MB | peak resident MB | peak resident + grouped MB | budget MB | loads / evictions |"
+          "peak RSS MB | peak resident MB | peak resident + pools MB | budget MB | loads / evictions |"
           "\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rss"]:
         print(f"| {r['on_disk']} | {r['base_rss_mb']:.0f} | {r['route_rss_mb']:.0f} | {r['resident_route_mb']:.1f} | "
