@@ -608,11 +608,11 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], mode: str, li
     # the routes each process decided for its documents are gathered here
     routes, request_routes, route_batches = _gather_routes(lm)
     out = Path(out_dir) if out_dir is not None else run.eval_dir / mode.replace(":", "-")
-    info = {"run": run, "mode": mode, "tasks": tasks, "limit": limit, "seed": seed, "samples": samples,
-            "batch_size": batch_size, "lm": lm, "rm": rm, "data_files": data_files, "router": router_identity,
-            "routes": routes, "request_routes": request_routes, "route_batches": route_batches,
-            "mixed_batches": mixed_batches, "wall_time_s": {"load": round(load_s, 3), "evaluate": round(eval_s, 3)}}
-    record = distributed.broadcast_object(distributed.on_main_process(_write_results, out, res, info))
+    record = distributed.computed_on_main(
+        _write_results, out, res, run=run, mode=mode, tasks=tasks, limit=limit, seed=seed, samples=samples,
+        batch_size=batch_size, lm=lm, rm=rm, data_files=data_files, router=router_identity, routes=routes,
+        request_routes=request_routes, route_batches=route_batches, mixed_batches=mixed_batches,
+        wall_time_s={"load": round(load_s, 3), "evaluate": round(eval_s, 3)})
     logger.info("evaluation %s written to %s (%.1f s)", mode, out / RESULTS_FILE, eval_s)
     return record
 
@@ -632,11 +632,14 @@ def _gather_routes(lm: Any) -> tuple[dict[str, Any], dict[tuple[Any, Any], str],
     return routes, request_routes, batches
 
 
-def _write_results(out: Path, res: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+def _write_results(out: Path, res: dict[str, Any], *, run: Any, mode: str, tasks: list[str], limit: Any, seed: int,
+                   samples: dict[str, list[int]] | None, batch_size: int, lm: Any, rm: Any,
+                   data_files: dict[str, Any], router: dict[str, Any] | None, routes: dict[str, Any],
+                   request_routes: dict[tuple[Any, Any], str], route_batches: dict[str, int], mixed_batches: bool,
+                   wall_time_s: dict[str, float]) -> dict[str, Any]:
     """Write ``results.json``, the samples and the routes log of :func:`evaluate_run` (the main process)."""
     from ..utils.io import atomic_write_json
 
-    run, mode, samples, lm, rm = info["run"], info["mode"], info["samples"], info["lm"], info["rm"]
     out.mkdir(parents=True, exist_ok=True)
     logged = res.pop("samples", {}) or {}
     for name, rows in logged.items():  # per filter in document order (several processes: gathered rank by rank)
@@ -648,41 +651,40 @@ def _write_results(out: Path, res: dict[str, Any], info: dict[str, Any]) -> dict
         _write_jsonl(out / f"samples_{name}.jsonl", rows)
     routes_log = []
     if mode == "routed":
-        for (task, doc_id), h in sorted(info["request_routes"].items(),
-                                        key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        for (task, doc_id), h in sorted(request_routes.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
             true_id = samples[task][doc_id] if samples is not None and task in samples and doc_id is not None \
                 else doc_id
-            routes_log.append({"task": task, "doc_id": true_id, "context_sha256": h, **info["routes"][h]})
+            routes_log.append({"task": task, "doc_id": true_id, "context_sha256": h, **routes[h]})
         _write_jsonl(out / ROUTES_FILE, routes_log)
     record: dict[str, Any] = {
         "format_version": RESULTS_FORMAT,
         "run_dir": str(run.path),
         "mode": mode,
-        "tasks": info["tasks"],
-        "limit": info["limit"],
-        "seed": info["seed"],
+        "tasks": tasks,
+        "limit": limit,
+        "seed": seed,
         "samples": samples,
-        "batch_size": info["batch_size"],
+        "batch_size": batch_size,
         "processes": distributed.world_size(),
         "max_length": lm.max_length,
         "softmax_dtype": str(lm.softmax_dtype) if lm.softmax_dtype is not None else None,
         "model_dtype": str(getattr(rm.model, "dtype", "")),
         "versions": _versions(),
-        "data_files": info["data_files"],
+        "data_files": data_files,
         "stack_identity": run.stack_identity(),
-        "router": info["router"],
+        "router": router,
         "metrics": metrics_table(res.get("results", {})),
         "results": res.get("results", {}),
         "n_samples": res.get("n-samples", {}),
         "n_shot": res.get("n-shot", {}),
         "task_versions": res.get("versions", {}),
         "task_configs": res.get("configs", {}),
-        "routes": {h: r["weights"] for h, r in info["routes"].items()} if mode == "routed" else None,
-        "mixed_batches": info["mixed_batches"] if mode == "routed" else None,
-        "route_batches": info["route_batches"] if mode == "routed" else None,
+        "routes": {h: r["weights"] for h, r in routes.items()} if mode == "routed" else None,
+        "mixed_batches": mixed_batches if mode == "routed" else None,
+        "route_batches": route_batches if mode == "routed" else None,
         "files": {"samples": {n: f"samples_{n}.jsonl" for n in logged},
                   "routes": ROUTES_FILE if mode == "routed" else None},
-        "wall_time_s": info["wall_time_s"],
+        "wall_time_s": wall_time_s,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     record = _jsonable(record)

@@ -63,7 +63,7 @@ def route_token_nll(stacks: Any, example: Mapping[str, Any], labels: Sequence[st
     weights = [executed_weights(parse_route_key(k), domains, config, labels) for k in keys]
     model = stacks.model
     device = next(model.parameters()).device
-    step = max(1, int(getattr(config, "oracle_batch_size", len(keys))))
+    step = max(1, int(config.oracle_batch_size))
     parts = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(keys), step):
@@ -130,8 +130,8 @@ def evaluate_val_losses(
         shard: Split the examples over the processes of ``torch.distributed`` (collective: every process calls
             it with the same examples and routes, and gets the same table); a no-op in a single process.
         oracle_config: The oracle's :class:`~.config.RouterConfig`: adds the cross-fitted oracle (module
-            docstring; one more forward of 8 rows per example). ``oracle_labels``: each example's label domains
-            (default: its domain).
+            docstring; one row per route and example, ``oracle_batch_size`` rows a forward).
+        oracle_labels: Each example's label domains, aligned with ``val_examples`` (default: its domain).
 
     Returns:
         ``(table, per_example)``: ``table[d]`` has ``n_examples``, ``n_tokens``, one loss per mode, ``oracle``
